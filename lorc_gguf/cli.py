@@ -1,0 +1,119 @@
+"""Command lines of ``tools/convert.py`` and ``tools/report.py`` (thin: parse, call, print)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import allocate, aware, constants
+from .calibrate import DEFAULT_CALIB_TOKENS
+from .convert import ALLOCATIONS, convert
+from .describe import describe, format_description
+from .errors import LorcError
+from .factorize import OUTTYPES
+from .report import format_summary, report_path
+
+EXIT_ERROR = 2  # same status argparse uses for a bad command line
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="convert.py",
+        description="Factorize the K/V projections of a llama-family model (GGUF or HF safetensors folder) "
+                    "by truncated SVD into a LoRC GGUF with a low-rank KV cache.")
+    ap.add_argument("model", metavar="MODEL", help="input GGUF (any type; quantized K/V are dequantized) "
+                    "or Hugging Face safetensors folder")
+    ap.add_argument("out", metavar="OUT", help="output GGUF; the JSON report goes to OUT" + ".lorc.json")
+    rule = ap.add_mutually_exclusive_group()
+    rule.add_argument("--progressive", dest="allocation", action="store_const", const=allocate.PROGRESSIVE,
+                      help="rank follows the cumulative condition number, deeper layers compressed more "
+                           "(the default)")
+    rule.add_argument("--uniform", dest="allocation", action="store_const", const=allocate.UNIFORM,
+                      help="the same fraction of every layer's width")
+    rule.add_argument("--sensitivity", dest="allocation", action="store_const", const=aware.SENSITIVITY,
+                      help="greedy: each +rank-multiple step goes to the (layer, K/V) whose relative output "
+                           "error (activation-weighted with --calibration/--imatrix) falls most per cache element")
+    rule.add_argument("--allocation", dest="allocation", choices=list(ALLOCATIONS),
+                      help="the allocation rule by name (same as the flags above)")
+    rule.add_argument("--ranks", metavar="SPEC",
+                      help="explicit ranks: k0,v0,k1,v1,... or a JSON file {\"key_rank\": [...], "
+                           "\"value_rank\": [...]} (a previous report works)")
+    ap.add_argument("--ratio", type=float, default=0.5,
+                    help="kept fraction of the KV cache width summed over layers, K and V together "
+                         "(default 0.5)")
+    ap.add_argument("--key-ratio", type=float, help="separate budget for K (overrides --ratio for K)")
+    ap.add_argument("--value-ratio", type=float, help="separate budget for V (overrides --ratio for V)")
+    ap.add_argument("--rank-multiple", type=int, default=constants.RANK_MULTIPLE,
+                    help=f"round ranks to multiples of this (default {constants.RANK_MULTIPLE}; q8_0 needs 32)")
+    ap.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="type of the factors (default f16)")
+    ap.add_argument("--sink-tokens", type=int, default=0, metavar="S",
+                    help="hybrid cache: the first S positions are attended through exact K/V (keeps the "
+                         "dense attn_k/attn_v in the file; default 0)")
+    ap.add_argument("--recent-window", type=int, default=0, metavar="W",
+                    help="hybrid cache: the last W positions are attended through exact K/V (default 0; "
+                         "the runtime's LLAMA_LORC_SINK_TOKENS / LLAMA_LORC_RECENT_WINDOW override both)")
+    aw = ap.add_argument_group("activation-aware factorization (minimise the K/V output error on real inputs)")
+    aw.add_argument("--method", choices=list(aware.METHODS),
+                    help="svd: data-free truncated SVD (the paper; default without statistics). svd-diag-act: SVD "
+                         "of W*diag(rms(x)) (default with --imatrix). svd-whiten: SVD of W*L, L L^T = E[x x^T] + "
+                         "ridge (default with --calibration; without it, calibrates on the built-in text)")
+    aw.add_argument("--calibration", metavar="FILE",
+                    help="calibration text (UTF-8) run through the model to measure the K/V inputs; 'builtin' = "
+                         "the first half of Python's pydoc topics; a .npz statistics cache also works")
+    aw.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+                    help=f"calibration tokens, in chunks of 512 (default {DEFAULT_CALIB_TOKENS})")
+    aw.add_argument("--imatrix", metavar="FILE",
+                    help="llama.cpp importance matrix (llama-imatrix, GGUF or legacy .dat): per-channel mean "
+                         "squares of the K/V inputs, used like the diagonal calibration statistics")
+    aw.add_argument("--ridge", type=float, default=aware.DEFAULT_RIDGE,
+                    help=f"whitening ridge, relative to the mean input energy (default {aware.DEFAULT_RIDGE})")
+    aw.add_argument("--center", action="store_true",
+                    help="factorize the centered covariance and fold (W - up.down) E[x] into the K/V bias "
+                         "(off by default: it made SmolLM2 worse, the attention-sink token is far from the mean)")
+    aw.add_argument("--out-weight", action="store_true",
+                    help="also weight the output side (K: query energy per RoPE pair, V: attn_output)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    ap.add_argument("--quiet", "-q", action="store_true", help="print no summary")
+    ap.set_defaults(allocation=allocate.PROGRESSIVE)
+    return ap
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    args = convert_parser().parse_args(argv)
+    try:
+        report = convert(args.model, args.out, allocation=args.allocation, ratio=args.ratio,
+                         key_ratio=args.key_ratio, value_ratio=args.value_ratio, ranks=args.ranks,
+                         rank_multiple=args.rank_multiple, outtype=args.outtype, progress=not args.no_progress,
+                         method=args.method, calibration=args.calibration, calib_tokens=args.calib_tokens,
+                         imatrix=args.imatrix, ridge=args.ridge, center=args.center, out_weight=args.out_weight,
+                         sink_tokens=args.sink_tokens, recent_window=args.recent_window,
+                         log=lambda msg: print(f"notice: {msg}", file=sys.stderr))
+    except LorcError as e:
+        _err(str(e))
+        return EXIT_ERROR
+    if not args.quiet:
+        print(format_summary(report))
+        print(f"report: {report_path(args.out)}")
+    return 0
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="report.py",
+                                 description="Ranks per layer and KV-cache bytes per token (f16 cache) of a GGUF; "
+                                             "the kappa profile too when OUT.lorc.json sits beside it.")
+    ap.add_argument("gguf", metavar="GGUF")
+    ap.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = ap.parse_args(argv)
+    try:
+        info = describe(args.gguf)
+    except LorcError as e:
+        _err(str(e))
+        return EXIT_ERROR
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0

@@ -1,0 +1,199 @@
+"""Tiny synthetic llama models shared by the converter and runtime tests.
+
+``make_llama_gguf`` writes a GGUF that llama.cpp loads and runs: random weights, full llama
+metadata, and the real SmolLM2 tokenizer (all ``tokenizer.*`` keys copied from the embedded
+SmolLM2 GGUF, so the vocabulary is 49152 and ``token_embd`` has that many rows; the output
+projection is tied to it, as in SmolLM2, to keep files small). ``spectra`` plants known singular
+values in K/V. ``make_hf_llama_folder`` writes the same kind of model as a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from lorc_gguf import constants
+from lorc_gguf.load import FastGGUFReader
+from lorc_gguf.models import smollm2_path
+from lorc_gguf.write import MetadataItem, copy_metadata
+
+VOCAB_SIZE = 49152  # SmolLM2's, fixed by the copied tokenizer
+CONTEXT_LENGTH = 2048
+ROPE_FREQ_BASE = 10000.0
+RMS_EPS = 1e-5
+
+QT = gguf.GGMLQuantizationType
+DTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+Spectra = Mapping[str, Sequence[Sequence[float] | None]]  # {"key": [per layer], "value": [...]}
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer_metadata() -> tuple[MetadataItem, ...]:
+    """Every ``tokenizer.*`` key/value of the embedded SmolLM2 GGUF, types preserved."""
+    reader = FastGGUFReader(smollm2_path(), "r")
+    return tuple(item for item in copy_metadata(reader) if item.key.startswith("tokenizer."))
+
+
+def geometric_spectrum(width: int, kappa: float, top: float = 1.0) -> np.ndarray:
+    """``width`` singular values falling geometrically from ``top`` to ``top / kappa``."""
+    return top * np.power(float(kappa), -np.arange(width) / max(1, width - 1))
+
+
+def planted_matrix(rng: np.random.Generator, rows: int, cols: int, singular_values: Sequence[float]) -> np.ndarray:
+    """rows x cols matrix U diag(s) V^T with random orthonormal U, V and exactly the given s."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    k = min(rows, cols)
+    if s.shape != (k,):
+        raise ValueError(f"need {k} singular values for a {rows}x{cols} matrix, got {s.shape}")
+    u, _ = np.linalg.qr(rng.standard_normal((rows, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, k)))
+    return (u * s) @ v.T
+
+
+def _gaussian(rng: np.random.Generator, rows: int, fan_in: int) -> np.ndarray:
+    # N(0, 1/fan_in) entries keep activations O(1) through each projection
+    return rng.standard_normal((rows, fan_in)) / np.sqrt(fan_in)
+
+
+def _encode(a: np.ndarray, qtype: QT) -> np.ndarray:
+    if qtype == QT.F32:
+        return a.astype(np.float32)
+    if qtype == QT.F16:
+        return a.astype(np.float16)
+    return gguf.quants.quantize(a.astype(np.float32), qtype)
+
+
+def make_llama_gguf(path: str | os.PathLike[str], n_layer: int = 4, n_embd: int = 128, n_head: int = 4,
+                    n_head_kv: int = 2, head_dim: int = 32, n_ff: int = 256, seed: int = 0, dtype: str = "f32",
+                    spectra: Spectra | None = None) -> Path:
+    """Write a random llama GGUF to ``path`` and return the path.
+
+    ``dtype`` is the type of every 2-D weight (f32, f16, bf16, q8_0); norms stay f32 as llama.cpp
+    expects. ``spectra={"key": [s_0, ..., s_{L-1}], "value": [...]}`` plants the singular values
+    of layer l's K (or V) projection (``n_head_kv * head_dim`` values each; None keeps that layer
+    random). Same arguments give byte-identical files.
+    """
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+    qtype = DTYPES[dtype]
+    rng = np.random.default_rng(seed)
+    d_kv = n_head_kv * head_dim
+    planted = {side: list((spectra or {}).get(side) or [None] * n_layer) for side in ("key", "value")}
+    for side, values in planted.items():
+        if len(values) != n_layer:
+            raise ValueError(f"spectra['{side}'] needs {n_layer} entries, got {len(values)}")
+
+    arch = "llama"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name("synthetic-llama")
+    writer.add_block_count(n_layer)
+    writer.add_context_length(CONTEXT_LENGTH)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(ROPE_FREQ_BASE)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
+    writer.add_vocab_size(VOCAB_SIZE)
+    writer.add_file_type(FILE_TYPES[dtype])
+    for item in smollm2_tokenizer_metadata():
+        writer.add_key_value(item.key, item.value, item.vtype, sub_type=item.sub_type)
+
+    def weight(name: str, a: np.ndarray) -> None:
+        data = _encode(a, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+
+    def norm(name: str, n: int) -> None:
+        writer.add_tensor(name, np.ones(n, dtype=np.float32))
+
+    # numpy shapes are (out, in): ggml [in, out]
+    weight("token_embd.weight", _gaussian(rng, VOCAB_SIZE, n_embd))
+    for il in range(n_layer):
+        norm(f"blk.{il}.attn_norm.weight", n_embd)
+        weight(f"blk.{il}.attn_q.weight", _gaussian(rng, n_head * head_dim, n_embd))
+        for side, template in (("key", constants.TENSOR_K), ("value", constants.TENSOR_V)):
+            s = planted[side][il]
+            w = _gaussian(rng, d_kv, n_embd) if s is None else planted_matrix(rng, d_kv, n_embd, s)
+            weight(template.format(bid=il), w)
+        weight(f"blk.{il}.attn_output.weight", _gaussian(rng, n_embd, n_head * head_dim))
+        norm(f"blk.{il}.ffn_norm.weight", n_embd)
+        weight(f"blk.{il}.ffn_gate.weight", _gaussian(rng, n_ff, n_embd))
+        weight(f"blk.{il}.ffn_up.weight", _gaussian(rng, n_ff, n_embd))
+        weight(f"blk.{il}.ffn_down.weight", _gaussian(rng, n_embd, n_ff))
+    norm("output_norm.weight", n_embd)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- Hugging Face folders ----------------------------------------------------------------------
+
+def _tokenizer_cache_dir() -> Path:
+    """Where the HF tokenizer derived from SmolLM2's GGUF is kept between runs (building it with
+    transformers takes ~15 s). Keyed by the GGUF's size and the transformers version."""
+    import transformers
+
+    from lorc_gguf import sdist
+
+    model = smollm2_path()
+    key = hashlib.sha256(f"{model.stat().st_size}:{transformers.__version__}".encode()).hexdigest()[:12]
+    return sdist.cache_dir() / f"smollm2-hf-tokenizer-{key}"
+
+
+def smollm2_hf_tokenizer_dir() -> Path:
+    """A folder with SmolLM2's tokenizer in HF format, built from the GGUF by transformers."""
+    dest = _tokenizer_cache_dir()
+    if (dest / ".complete").exists():
+        return dest
+    from transformers import AutoTokenizer
+
+    model = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
+    try:
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").touch()
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def make_hf_llama_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
+                         n_head_kv: int = 2, head_dim: int = 32, n_ff: int = 256, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM (safetensors) with SmolLM2's tokenizer, saved to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=n_embd, intermediate_size=n_ff,
+                         num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head_kv,
+                         head_dim=head_dim, max_position_embeddings=CONTEXT_LENGTH, rms_norm_eps=RMS_EPS,
+                         rope_theta=ROPE_FREQ_BASE, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    for item in smollm2_hf_tokenizer_dir().iterdir():
+        if item.name != ".complete":
+            shutil.copy2(item, path / item.name)
+    return path

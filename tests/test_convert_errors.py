@@ -1,0 +1,127 @@
+"""Every refusal of tools/convert.py: exit status 2, one line `error: ...`, no output left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from lorc_gguf import LorcError, constants, convert
+from lorc_gguf.cli import convert_main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def lorc_gguf_file(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "tiny-lorc.gguf"
+    convert(tiny_llama_gguf, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("qwen2") / "qwen2.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# Each case: (id, build argv from (model, lorc file, qwen2 file, out folder), expected message part)
+Case = tuple[str, Callable[[Path, Path, Path, Path], list[str]], str]
+CASES: list[Case] = [
+    ("missing-model", lambda m, l, q, d: [str(d / "nope.gguf"), str(d / "out.gguf")], "MODEL not found"),
+    ("not-a-gguf", lambda m, l, q, d: [str(_text_file(d)), str(d / "out.gguf")], "is not a GGUF file"),
+    ("empty-folder", lambda m, l, q, d: [str(_folder(d, {})), str(d / "out.gguf")], "not a Hugging Face model"),
+    ("folder-without-safetensors", lambda m, l, q, d: [str(_folder(d, {"config.json": "{}"})), str(d / "out.gguf")],
+     "not a Hugging Face model"),
+    ("unsupported-architecture", lambda m, l, q, d: [str(q), str(d / "out.gguf")],
+     "unsupported architecture 'qwen2' (supported: llama)"),
+    ("already-lorc", lambda m, l, q, d: [str(l), str(d / "out.gguf")], "already LoRC-converted"),
+    ("ratio-zero", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ratio", "0"], "ratio must be in (0, 1]"),
+    ("ratio-above-one", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ratio", "1.5"], "ratio must be in (0, 1]"),
+    ("ratio-negative", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ratio=-0.2"], "ratio must be in (0, 1]"),
+    ("key-ratio-zero", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--key-ratio", "0"],
+     "key ratio must be in (0, 1]"),
+    ("value-ratio-above-one", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--value-ratio", "2"],
+     "value ratio must be in (0, 1]"),
+    ("rank-above-width", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ranks", "65,32,32,32,32,32,32,32"],
+     "layer 0 key rank 65 is outside [1, 64]"),
+    ("rank-zero", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ranks", "32,32,32,0,32,32,32,32"],
+     "layer 1 value rank 0 is outside [1, 64]"),
+    ("ranks-wrong-length", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ranks", "32,32,32"],
+     "--ranks has 3 numbers, expected 8"),
+    ("ranks-file-missing", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ranks", str(d / "no.json")],
+     "cannot read ranks file"),
+    ("q8_0-rank-not-multiple-of-32", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--outtype", "q8_0",
+                                                        "--ranks", "40,64,64,64,64,64,64,64"],
+     "not a multiple of 32"),
+    ("out-equals-model", lambda m, l, q, d: [str(m), str(m)], "OUT is the same file as MODEL"),
+    ("out-folder-missing", lambda m, l, q, d: [str(m), str(d / "missing" / "out.gguf")],
+     "the folder of OUT does not exist"),
+]
+
+
+def _text_file(d: Path) -> Path:
+    p = d / "model.txt"
+    p.write_text("hello\n")
+    return p
+
+
+def _folder(d: Path, files: dict[str, str]) -> Path:
+    folder = d / "folder"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_error_rows(case: Case, tiny_llama_gguf: Path, lorc_gguf_file: Path, qwen2_gguf: Path, tmp_path: Path,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    _, make_argv, message = case
+    argv = make_argv(tiny_llama_gguf, lorc_gguf_file, qwen2_gguf, tmp_path) + ["--no-progress"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    model_bytes = tiny_llama_gguf.stat().st_size
+    assert convert_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if not ln.startswith("notice: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0]
+    # nothing written: no OUT, no report, no temporary file, inputs untouched
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    assert tiny_llama_gguf.stat().st_size == model_bytes
+
+
+def test_cli_process_exit_status(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "convert.py"), str(tmp_path / "missing.gguf"),
+                           str(tmp_path / "out.gguf")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: MODEL not found: {tmp_path / 'missing.gguf'}"
+    assert proc.stdout == ""
+
+
+def test_library_raises_lorc_error(tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    with pytest.raises(LorcError):
+        convert(tiny_llama_gguf, tmp_path / "out.gguf", ratio=0, progress=False)
+    with pytest.raises(LorcError, match="unknown outtype"):
+        convert(tiny_llama_gguf, tmp_path / "out.gguf", outtype="q4_0", progress=False)
+    with pytest.raises(LorcError, match="unexpected keyword"):
+        convert(tiny_llama_gguf, tmp_path / "out.gguf", ration=0.5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_architecture_registry_matches_the_runtime_list() -> None:
+    from lorc_gguf import arch
+
+    assert set(constants.SUPPORTED_ARCHITECTURES) <= set(arch.registered())

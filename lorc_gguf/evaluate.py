@@ -1,0 +1,770 @@
+"""Perplexity, KL divergence and KV bytes per token of GGUF models run by the patched runtime.
+
+What ``tools/eval.py`` computes, llama-perplexity style: the text is tokenized once (no BOS),
+cut into chunks of ``ctx`` tokens, and each chunk is evaluated in a fresh cache with its first
+token replaced by BOS. Only the second half of a chunk is scored: the NLL of token ``j+1`` given
+the logits at ``j`` for ``j`` in ``[ctx/2, ctx-1)``. The first model given is the baseline: every
+other model gets the mean KL(baseline || model) and the top-1 agreement over the same scored
+positions, and its KV bytes per token (measured from the runtime) as a ratio of the baseline's.
+
+The default text is the ``pydoc_data.topics`` corpus of the running Python: the values joined in
+sorted key order. Its first half is the calibration text (for activation-aware conversion), its
+second half the evaluation text, so the two never overlap.
+
+Also the pieces the other tools share: model specs (``PATH[@CACHE_K[,CACHE_V]]``, ``smollm2``
+for the embedded model), decoding with logits only where needed, greedy generation with the
+model's chat template (``tools/compare.py``), machine and version info for the JSON files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import constants
+from .errors import LorcError
+from .session import CACHE_TYPES, Session, SessionParams, silence_llama_logs
+
+# llama.cpp serializes pos, n_seq_id and one seq_id (int32 each) per cell next to the K/V rows:
+# a sequence state grows by this much per token on top of the cache itself
+CELL_METADATA_BYTES = 12
+SMOLLM2_ALIAS = "smollm2"
+DEFAULT_CTX = 512
+DEFAULT_CHUNKS = 8
+KV_PROBE_TOKENS = 128  # tokens used to measure KV bytes per token
+QUANTIZED_CACHE_TYPES = tuple(t for t in CACHE_TYPES if t.startswith("q"))
+FLASH_ATTN_CHOICES = ("auto", "on", "off")
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+def pydoc_text() -> str:
+    """The ``pydoc_data.topics`` texts joined in sorted key order (deterministic for a Python)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _split_point(text: str) -> int:
+    mid = len(text) // 2
+    nl = text.find("\n", mid)
+    return mid if nl < 0 else nl + 1
+
+
+def calibration_text() -> str:
+    """First half of the pydoc text (disjoint from ``eval_text``)."""
+    text = pydoc_text()
+    return text[:_split_point(text)]
+
+
+def eval_text() -> str:
+    """Second half of the pydoc text (disjoint from ``calibration_text``)."""
+    text = pydoc_text()
+    return text[_split_point(text):]
+
+
+def read_text(path: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """(text, description) of a text file, or of the default evaluation text when ``path`` is None."""
+    if path is None:
+        return eval_text(), "pydoc_data.topics, second half (lorc_gguf.evaluate.eval_text)"
+    p = Path(path)
+    if not p.is_file():
+        raise LorcError(f"text file not found: {p}")
+    return p.read_text(encoding="utf-8", errors="replace"), str(p)
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def resolve_model_path(name: str | os.PathLike[str]) -> Path:
+    """A model path; ``smollm2`` names the embedded SmolLM2-135M-Instruct GGUF."""
+    if str(name) == SMOLLM2_ALIAS:
+        from .models import smollm2_path
+
+        return smollm2_path()
+    p = Path(name)
+    if not p.is_file():
+        raise LorcError(f"model not found: {p}")
+    return p
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_info(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    import gguf
+
+    from .load import FastGGUFReader  # ~10x faster than gguf.GGUFReader on a 49k-token vocabulary
+
+    try:
+        reader = FastGGUFReader(path, "r")
+    except Exception as e:
+        raise LorcError(f"{path} is not a readable GGUF file ({e})") from e
+    fields = reader.fields
+
+    def scalar(key: str) -> int | None:
+        f = fields.get(key)
+        return None if f is None else int(f.parts[-1][0])
+
+    def array(key: str) -> list[int] | None:
+        f = fields.get(key)
+        return None if f is None else [int(f.parts[i][0]) for i in f.data]
+
+    arch_field = fields.get(gguf.Keys.General.ARCHITECTURE)
+    arch = bytes(arch_field.parts[-1]).decode() if arch_field is not None else ""
+    n_head = scalar(gguf.Keys.Attention.HEAD_COUNT.format(arch=arch))
+    n_head_kv = scalar(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)) or n_head
+    n_embd = scalar(gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
+    k_len = scalar(gguf.Keys.Attention.KEY_LENGTH.format(arch=arch)) or (
+        n_embd // n_head if n_embd and n_head else None)
+    v_len = scalar(gguf.Keys.Attention.VALUE_LENGTH.format(arch=arch)) or k_len
+    return {"arch": arch,
+            "lorc_version": scalar(constants.KEY_VERSION) or 0,
+            "n_ctx_train": scalar(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
+            "key_rank": array(constants.key_rank_key(arch)),
+            "value_rank": array(constants.value_rank_key(arch)),
+            "key_width": n_head_kv * k_len if n_head_kv and k_len else None,
+            "value_width": n_head_kv * v_len if n_head_kv and v_len else None}
+
+
+def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the tools read from a GGUF's metadata (cached per file version): ``arch``,
+    ``lorc_version`` (0 for an ordinary model), ``n_ctx_train``, ``key_rank``/``value_rank`` (None
+    for an ordinary model) and the dense ``key_width``/``value_width`` (n_head_kv * head_dim)."""
+    st = os.stat(path)
+    return dict(_gguf_info(str(Path(path).resolve()), st.st_mtime_ns, st.st_size))
+
+
+def lorc_ranks(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``{"arch", "key_rank", "value_rank", "key_width", "value_width"}`` of a LoRC GGUF, None for
+    an ordinary model."""
+    info = gguf_info(path)
+    if not info["lorc_version"] or info["key_rank"] is None:
+        return None
+    return {k: info[k] for k in ("arch", "key_rank", "value_rank", "key_width", "value_width")}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model and the cache it runs with. ``flash_attn`` None means auto (on: what llama.cpp's
+    auto setting resolves to on CPU, and required by a quantized V cache)."""
+
+    path: Path
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: bool | None = None
+    label: str = ""
+
+    @property
+    def fa(self) -> bool:
+        return True if self.flash_attn is None else self.flash_attn
+
+    @property
+    def cache(self) -> str:
+        k, v = self.cache_type_k, self.cache_type_v
+        return k if k == v else f"{k}/{v}"
+
+    def params(self, n_ctx: int, n_batch: int, threads: int, n_seq_max: int = 1) -> SessionParams:
+        return SessionParams(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max,
+                             flash_attn=self.fa, cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
+                             n_threads=threads)
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "path": str(self.path), "cache_type_k": self.cache_type_k,
+                "cache_type_v": self.cache_type_v, "flash_attn": self.fa}
+
+
+def parse_flash_attn(value: str) -> bool | None:
+    if value not in FLASH_ATTN_CHOICES:
+        raise LorcError(f"--flash-attn must be one of {', '.join(FLASH_ATTN_CHOICES)}, got '{value}'")
+    return None if value == "auto" else value == "on"
+
+
+def check_cache_type(name: str) -> str:
+    if name not in CACHE_TYPES:
+        raise LorcError(f"unknown cache type '{name}' (choose from {', '.join(CACHE_TYPES)})")
+    return name
+
+
+def make_config(path: str | os.PathLike[str], cache_type_k: str = "f16", cache_type_v: str = "f16",
+                flash_attn: bool | None = None, label: str | None = None) -> ModelConfig:
+    """A checked ``ModelConfig``: the file exists, cache types are known, and a quantized V cache
+    does not meet an explicit ``flash_attn=False`` (llama.cpp refuses that context)."""
+    p = resolve_model_path(path)
+    k, v = check_cache_type(cache_type_k), check_cache_type(cache_type_v)
+    if flash_attn is False and v in QUANTIZED_CACHE_TYPES:
+        raise LorcError(f"llama.cpp needs flash attention for a quantized V cache ({v}); "
+                        "use --flash-attn on (or auto)")
+    if label is None:
+        label = p.stem if k == v == "f16" else f"{p.stem} [{k if k == v else k + '/' + v}]"
+    return ModelConfig(p, k, v, flash_attn, label)
+
+
+def parse_model_spec(spec: str, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                     flash_attn: bool | None = None, label: str | None = None) -> ModelConfig:
+    """``PATH``, ``PATH@CACHE`` (K and V) or ``PATH@CACHE_K,CACHE_V``; ``smollm2`` for the embedded
+    model. Without ``@`` the given default cache types apply."""
+    path, sep, cache = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if sep:
+        parts = cache.split(",")
+        if len(parts) not in (1, 2) or not all(parts):
+            raise LorcError(f"bad model spec '{spec}': use PATH@CACHE or PATH@CACHE_K,CACHE_V")
+        cache_type_k, cache_type_v = parts[0], parts[-1]
+    return make_config(path, cache_type_k, cache_type_v, flash_attn, label)
+
+
+def open_session(config: ModelConfig, n_ctx: int, n_batch: int, threads: int, n_seq_max: int = 1) -> Session:
+    """A ``Session`` for ``config``, refusing a LoRC file on an unpatched runtime with a clear message."""
+    from . import runtime
+
+    silence_llama_logs()
+    if gguf_info(config.path)["lorc_version"] > 0:
+        try:
+            runtime.require_patched_runtime()
+        except runtime.RuntimeNotPatched as e:
+            raise LorcError(str(e)) from e
+    try:
+        return Session(config.path, config.params(n_ctx, n_batch, threads, n_seq_max))
+    except RuntimeError as e:
+        raise LorcError(f"{config.label}: {e}") from e
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+def decode_tokens(session: Session, tokens: Sequence[int], pos0: int = 0, outputs_from: int | None = None,
+                  seq_id: int = 0) -> np.ndarray:
+    """Decode ``tokens`` at positions ``pos0...`` in chunks of n_batch, asking llama.cpp for logits
+    only at indices ``>= outputs_from`` (None: only the last token). Returns those logits,
+    ``[n_outputs, n_vocab]`` float32."""
+    lib, n = session.lib, len(tokens)
+    first = n - 1 if outputs_from is None else max(0, outputs_from)
+    rows = []
+    nb = session.params.n_batch
+    for start in range(0, n, nb):
+        chunk = tokens[start:start + nb]
+        b = session._batch
+        b.n_tokens = len(chunk)
+        n_out = 0
+        for i, tok in enumerate(chunk):
+            b.token[i] = tok
+            b.pos[i] = pos0 + start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            want = start + i >= first
+            b.logits[i] = want
+            n_out += want
+        rc = lib.llama_decode(session.ctx, b)
+        if rc != 0:
+            raise LorcError(f"llama_decode returned {rc} (context full or out of memory?)")
+        if n_out:
+            ptr = lib.llama_get_logits(session.ctx)
+            rows.append(np.ctypeslib.as_array(ptr, shape=(n_out, session.n_vocab)).copy())
+    return np.concatenate(rows) if rows else np.zeros((0, session.n_vocab), np.float32)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def bos_token(session: Session) -> int | None:
+    bos = int(session.lib.llama_vocab_bos(session.vocab))
+    return bos if bos >= 0 else None
+
+
+# --- perplexity ------------------------------------------------------------------------------------
+
+def make_chunks(tokens: Sequence[int], ctx: int, n_chunks: int, bos: int | None) -> list[list[int]]:
+    """Up to ``n_chunks`` consecutive chunks of ``ctx`` tokens, the first token of each replaced by
+    BOS (as llama-perplexity does when the vocabulary adds one)."""
+    if ctx < 4:
+        raise LorcError(f"--ctx must be at least 4, got {ctx}")
+    available = len(tokens) // ctx
+    if available < 1:
+        raise LorcError(f"the text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}")
+    chunks = []
+    for c in range(min(n_chunks, available)):
+        chunk = list(tokens[c * ctx:(c + 1) * ctx])
+        if bos is not None:
+            chunk[0] = bos
+        chunks.append(chunk)
+    return chunks
+
+
+@dataclass
+class _Scores:
+    nll: list[np.ndarray] = field(default_factory=list)
+    kl: list[np.ndarray] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    n = len(values)
+    mean = float(values.mean())
+    se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return mean, se
+
+
+def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> tuple[float, float]:
+    """(raw, KV-only) bytes per token from the runtime's sequence state; KV-only drops the per-cell
+    metadata llama.cpp serializes next to the rows."""
+    probe = list(tokens[:min(KV_PROBE_TOKENS, session.params.n_ctx)])
+    raw = session.kv_bytes_per_token(probe)
+    session.clear()
+    return raw, raw - CELL_METADATA_BYTES
+
+
+def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, n_chunks: int = DEFAULT_CHUNKS,
+             threads: int | None = None, n_batch: int | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Perplexity of every config on ``text``; KL, top-1 agreement and KV ratio against the first."""
+    if not configs:
+        raise LorcError("give at least one model")
+    if n_chunks < 1:
+        raise LorcError(f"--chunks must be at least 1, got {n_chunks}")
+    threads = threads or default_threads()
+    n_batch = min(n_batch or ctx, ctx)
+    first = ctx // 2
+    base_tokens: list[int] | None = None
+    base_lp: list[np.ndarray] = []
+    base_kv: float | None = None
+    results = []
+    for idx, config in enumerate(configs):
+        started = time.perf_counter()
+        with open_session(config, ctx, n_batch, threads) as s:
+            tokens = s.tokenize(text, add_bos=False)
+            chunks = make_chunks(tokens, ctx, n_chunks, bos_token(s))
+            kv_raw, kv = measure_kv_bytes(s, chunks[0])
+            same_tokens = base_tokens is None or tokens[:len(chunks) * ctx] == base_tokens
+            scores = _Scores()
+            for c, chunk in enumerate(chunks):
+                s.clear()
+                logits = decode_tokens(s, chunk, 0, outputs_from=first)[:-1]  # rows j = first..ctx-2
+                lp = log_softmax(logits)
+                targets = np.asarray(chunk[first + 1:])
+                scores.nll.append(-lp[np.arange(len(targets)), targets])
+                if idx == 0:
+                    base_lp.append(lp.astype(np.float32))
+                elif same_tokens and base_lp[c].shape == lp.shape:
+                    p_lp = base_lp[c].astype(np.float64)
+                    scores.kl.append((np.exp(p_lp) * (p_lp - lp)).sum(-1))
+                    scores.top1.append(p_lp.argmax(-1) == lp.argmax(-1))
+                if log:
+                    so_far = float(np.exp(np.concatenate(scores.nll).mean()))
+                    log(f"[{config.label}] chunk {c + 1}/{len(chunks)} ppl so far {so_far:.4f}")
+        if idx == 0:
+            base_tokens = tokens[:len(chunks) * ctx]
+            base_kv = kv
+        nll = np.concatenate(scores.nll)
+        nll_mean, nll_se = _mean_se(nll)
+        ppl = math.exp(nll_mean)
+        entry: dict[str, Any] = {
+            **config.describe(),
+            "lorc": lorc_ranks(config.path),
+            "n_chunks": len(chunks),
+            "n_scored": int(len(nll)),
+            "nll": nll_mean,
+            "ppl": ppl,
+            "ppl_stderr": ppl * nll_se,
+            "kv_bytes_per_token_raw": kv_raw,
+            "kv_bytes_per_token": kv,
+            "kv_ratio": kv / base_kv if base_kv else None,
+            "kl_mean": None, "kl_stderr": None, "top1_agreement": None,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if idx == 0:
+            entry.update(kl_mean=0.0, kl_stderr=0.0, top1_agreement=1.0)
+        elif scores.kl:
+            kl = np.concatenate(scores.kl)
+            entry["kl_mean"], entry["kl_stderr"] = _mean_se(kl)
+            entry["top1_agreement"] = float(np.concatenate(scores.top1).mean())
+        else:
+            entry["note"] = "tokenization differs from the baseline: no KL / top-1"
+        results.append(entry)
+    return {
+        "tool": "eval",
+        "text": {"chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()},
+        "ctx": ctx, "chunks_requested": n_chunks, "n_batch": n_batch, "threads": threads,
+        "scored": f"second half of each chunk: tokens {first + 1}..{ctx - 1}",
+        "baseline": results[0]["label"],
+        "models": results,
+        "machine": machine_info(threads),
+        "versions": versions(),
+    }
+
+
+def format_eval_table(report: dict[str, Any]) -> str:
+    rows = [("model", "cache", "FA", "KV B/tok", "raw B/tok", "KV ratio", "PPL", "± se", "KL", "top-1")]
+    for m in report["models"]:
+        rows.append((m["label"], f"{m['cache_type_k']}/{m['cache_type_v']}" if m["cache_type_k"] != m["cache_type_v"]
+                     else m["cache_type_k"], "on" if m["flash_attn"] else "off",
+                     f"{m['kv_bytes_per_token']:.0f}", f"{m['kv_bytes_per_token_raw']:.0f}",
+                     f"{m['kv_ratio']:.3f}", f"{m['ppl']:.4f}", f"{m['ppl_stderr']:.4f}",
+                     "-" if m["kl_mean"] is None else f"{m['kl_mean']:.4f}",
+                     "-" if m["top1_agreement"] is None else f"{100 * m['top1_agreement']:.1f}%"))
+    text = _table(rows, right_from=3)
+    first = report["models"][0]
+    return (f"{text}\n{report['ctx']}-token chunks x {first['n_chunks']}, {first['n_scored']} scored tokens per "
+            f"model; KL and top-1 against {report['baseline']}; KV ratio of KV-only bytes")
+
+
+def _table(rows: Sequence[Sequence[str]], right_from: int = 1) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        cells = [c.ljust(w) if i < right_from else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --- greedy generation (tools/compare.py) ----------------------------------------------------------
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is to a beginner.",
+    "List three tips for staying focused while studying.",
+    "What is 17 multiplied by 3? Show your reasoning briefly.",
+)
+
+
+def chat_prompt(session: Session, user: str) -> str:
+    """``user`` as one user turn in the model's chat template with the assistant turn opened; the
+    plain text when the model has no template."""
+    lib = session.lib
+    tmpl = lib.llama_model_chat_template(session.model, None)
+    if not tmpl:
+        return user
+    msgs = (lib.llama_chat_message * 1)()
+    role, content = b"user", user.encode()
+    msgs[0].role, msgs[0].content = role, content
+    size = 4 * (len(content) + len(tmpl)) + 256
+    buf = ctypes.create_string_buffer(size)
+    n = lib.llama_chat_apply_template(tmpl, msgs, 1, True, buf, size)
+    if n < 0:
+        return user
+    if n > size:
+        buf = ctypes.create_string_buffer(n)
+        n = lib.llama_chat_apply_template(tmpl, msgs, 1, True, buf, n)
+    return buf.raw[:n].decode(errors="replace")
+
+
+def tokenize_chat(session: Session, text: str) -> list[int]:
+    """Tokens of a templated chat prompt: special tokens (``<|im_start|>``...) parsed as such, BOS
+    added only where the vocabulary asks for it (as llama.cpp's chat tools do)."""
+    lib = session.lib
+    data = text.encode()
+    n_max = len(data) + 16
+    buf = (lib.llama_token * n_max)()
+    n = lib.llama_tokenize(session.vocab, data, len(data), buf, n_max, True, True)
+    if n < 0:
+        raise LorcError("tokenization of the chat prompt failed")
+    return list(buf[:n])
+
+
+def generate_greedy(session: Session, prompt_tokens: Sequence[int], max_tokens: int) -> list[int]:
+    """Greedy (argmax) continuation of ``prompt_tokens`` until an end-of-generation token or
+    ``max_tokens``; the end token is not included."""
+    if len(prompt_tokens) + max_tokens > session.params.n_ctx:
+        raise LorcError(f"prompt ({len(prompt_tokens)} tokens) + {max_tokens} new tokens exceed the "
+                        f"context of {session.params.n_ctx}")
+    session.clear()
+    logits = decode_tokens(session, prompt_tokens)[-1]
+    out: list[int] = []
+    pos = len(prompt_tokens)
+    for _ in range(max_tokens):
+        tok = int(np.argmax(logits))
+        if session.lib.llama_vocab_is_eog(session.vocab, tok):
+            break
+        out.append(tok)
+        logits = decode_tokens(session, [tok], pos)[-1]
+        pos += 1
+    return out
+
+
+def token_agreement(reference: Sequence[int], other: Sequence[int]) -> dict[str, Any]:
+    """Agreement of two generations: ``prefix`` identical leading tokens, ``prefix_fraction`` =
+    prefix / len(reference), ``overall`` = same token at the same index / max length."""
+    prefix = 0
+    for a, b in zip(reference, other):
+        if a != b:
+            break
+        prefix += 1
+    longest = max(len(reference), len(other))
+    same = sum(a == b for a, b in zip(reference, other))
+    return {"prefix": prefix, "n_reference": len(reference), "n_other": len(other),
+            "prefix_fraction": prefix / len(reference) if reference else float(not other),
+            "overall": same / longest if longest else 1.0}
+
+
+def compare(reference: ModelConfig, other: ModelConfig, prompts: Sequence[str], max_tokens: int = 64,
+            threads: int | None = None, n_ctx: int = 2048,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Greedy replies of two models to the same chat prompts and their token agreement."""
+    if not prompts:
+        raise LorcError("no prompts")
+    threads = threads or default_threads()
+    replies: dict[str, list[dict[str, Any]]] = {}
+    for key, config in (("reference", reference), ("other", other)):
+        replies[key] = []
+        with open_session(config, n_ctx, min(512, n_ctx), threads) as s:
+            for i, p in enumerate(prompts):
+                prompt_tokens = tokenize_chat(s, chat_prompt(s, p))
+                toks = generate_greedy(s, prompt_tokens, max_tokens)
+                replies[key].append({"tokens": toks, "text": s.detokenize(toks)})
+                if log:
+                    log(f"[{config.label}] prompt {i + 1}/{len(prompts)}: {len(toks)} tokens")
+    items = []
+    prefix = same_total = longest_total = ref_total = 0
+    for p, a, b in zip(prompts, replies["reference"], replies["other"]):
+        agr = token_agreement(a["tokens"], b["tokens"])
+        items.append({"prompt": p, "reference": a, "other": b, "agreement": agr})
+        prefix += agr["prefix"]
+        ref_total += agr["n_reference"]
+        longest = max(agr["n_reference"], agr["n_other"])
+        longest_total += longest
+        same_total += round(agr["overall"] * longest)
+    return {
+        "tool": "compare",
+        "reference": reference.describe(), "other": other.describe(),
+        "max_tokens": max_tokens,
+        "prefix_agreement": prefix / ref_total if ref_total else 1.0,
+        "overall_agreement": same_total / longest_total if longest_total else 1.0,
+        "identical_replies": sum(it["reference"]["tokens"] == it["other"]["tokens"] for it in items),
+        "prompts": items,
+        "versions": versions(),
+    }
+
+
+def format_compare(report: dict[str, Any]) -> str:
+    ref, oth = report["reference"]["label"], report["other"]["label"]
+    out = []
+    for i, it in enumerate(report["prompts"], 1):
+        a = it["agreement"]
+        out.append(f"=== prompt {i}: {it['prompt']}")
+        out.append(f"--- {ref} ({a['n_reference']} tokens)")
+        out.append(it["reference"]["text"].strip())
+        out.append(f"--- {oth} ({a['n_other']} tokens; identical prefix {a['prefix']}, "
+                   f"overall {100 * a['overall']:.1f}%)")
+        out.append(it["other"]["text"].strip())
+        out.append("")
+    out.append(f"token agreement of {oth} with {ref}: up to the first divergence "
+               f"{100 * report['prefix_agreement']:.1f}%, overall {100 * report['overall_agreement']:.1f}%; "
+               f"{report['identical_replies']}/{len(report['prompts'])} replies identical")
+    return "\n".join(out)
+
+
+def read_prompts(path: str | os.PathLike[str] | None) -> list[str]:
+    """Built-in prompts, or a file: a JSON list of strings, or one prompt per non-empty line."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise LorcError(f"prompts file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LorcError(f"{p}: not valid JSON ({e})") from e
+        if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+            raise LorcError(f"{p}: a JSON prompts file must be a list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise LorcError(f"{p} has no prompts")
+    return prompts
+
+
+# --- machine and versions --------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    try:
+        import llama_cpp
+
+        backend = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except Exception:  # pragma: no cover - llama_cpp missing
+        backend = None
+    try:
+        load = list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        load = None
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "backend": backend,
+            "platform": platform.platform(), "loadavg": load}
+
+
+def versions() -> dict[str, Any]:
+    from importlib import metadata
+
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for dist in ("lorc-gguf", "llama_cpp_python", "gguf", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    try:
+        from . import runtime
+
+        out["lorc_runtime_format"] = runtime.runtime_format_version()
+    except Exception:  # pragma: no cover
+        out["lorc_runtime_format"] = None
+    return out
+
+
+def to_json(report: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(report, indent=2, default=lambda o: str(o) if isinstance(o, Path) else asdict(o))
+
+
+# --- command lines (tools/eval.py, tools/compare.py) -----------------------------------------------
+
+EXIT_ERROR = 2
+
+
+def _err(msg: str) -> int:
+    import sys
+
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def eval_parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Perplexity (llama-perplexity style), KL and top-1 agreement against the first model, "
+                    "and KV bytes per token measured from the runtime, for one or more GGUFs.",
+        epilog="MODEL is PATH, PATH@CACHE (K and V) or PATH@CACHE_K,CACHE_V; 'smollm2' names the embedded "
+               "SmolLM2-135M-Instruct. The first model is the baseline. Example: "
+               "eval.py smollm2 smollm2@q8_0 smollm2@q4_0 lorc.gguf")
+    ap.add_argument("models", nargs="*", metavar="MODEL", default=[SMOLLM2_ALIAS],
+                    help="models to evaluate (default: smollm2)")
+    ap.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the second half of the "
+                    "pydoc_data.topics text, disjoint from the calibration half)")
+    ap.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"tokens per chunk (default {DEFAULT_CTX})")
+    ap.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help=f"chunks to score (default {DEFAULT_CHUNKS})")
+    ap.add_argument("--batch", type=int, help="tokens per llama_decode call (default: --ctx)")
+    ap.add_argument("--cache-type-k", default="f16", help="K cache type for models without @ (default f16)")
+    ap.add_argument("--cache-type-v", default="f16", help="V cache type for models without @ (default f16; "
+                    "a quantized V cache needs flash attention)")
+    ap.add_argument("--flash-attn", default="auto", choices=FLASH_ATTN_CHOICES,
+                    help="flash attention (default auto = on, as llama.cpp's auto resolves on CPU)")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all cores)")
+    ap.add_argument("--labels", help="comma-separated labels for the models, in order")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument("--plot", metavar="PNG", help="write a perplexity vs KV bytes per token plot")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    return ap
+
+
+def _labels(spec: str | None, n: int) -> list[str | None]:
+    if spec is None:
+        return [None] * n
+    labels = [x.strip() for x in spec.split(",")]
+    if len(labels) != n:
+        raise LorcError(f"--labels has {len(labels)} entries for {n} models")
+    return labels
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
+    try:
+        fa = parse_flash_attn(args.flash_attn)
+        labels = _labels(args.labels, len(args.models))
+        configs = [parse_model_spec(m, args.cache_type_k, args.cache_type_v, fa, lab)
+                   for m, lab in zip(args.models, labels)]
+        text, source = read_text(args.text)
+        report = evaluate(configs, text, ctx=args.ctx, n_chunks=args.chunks, threads=args.threads,
+                          n_batch=args.batch, log=None if args.quiet else _stderr)
+        report["text"]["source"] = source
+        if args.json:
+            Path(args.json).write_text(to_json(report) + "\n")
+        if args.plot:
+            from .plots import plot_pareto
+
+            plot_pareto(report, args.plot)
+    except LorcError as e:
+        return _err(str(e))
+    except OSError as e:
+        return _err(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+    print(format_eval_table(report))
+    return 0
+
+
+def compare_parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="compare.py",
+        description="Greedy replies of an original and a LoRC model to the same chat prompts, with their "
+                    "token agreement.")
+    ap.add_argument("reference", metavar="ORIGINAL", help="reference model (PATH[@CACHE] or 'smollm2')")
+    ap.add_argument("other", metavar="LORC", help="model compared against it (PATH[@CACHE])")
+    ap.add_argument("--prompts", metavar="FILE", help="one prompt per line, or a JSON list of strings "
+                    "(default: a few built-in prompts)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per reply at most (default 64)")
+    ap.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
+    ap.add_argument("--flash-attn", default="auto", choices=FLASH_ATTN_CHOICES)
+    ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--json", metavar="PATH", help="write replies and agreement as JSON")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    return ap
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    args = compare_parser().parse_args(argv)
+    try:
+        fa = parse_flash_attn(args.flash_attn)
+        if args.max_tokens < 1:
+            raise LorcError("--max-tokens must be at least 1")
+        ref = parse_model_spec(args.reference, flash_attn=fa)
+        other = parse_model_spec(args.other, flash_attn=fa)
+        if ref.label == other.label:
+            other = ModelConfig(other.path, other.cache_type_k, other.cache_type_v, other.flash_attn,
+                                other.label + " (2)")
+        prompts = read_prompts(args.prompts)
+        report = compare(ref, other, prompts, max_tokens=args.max_tokens, threads=args.threads, n_ctx=args.ctx,
+                         log=None if args.quiet else _stderr)
+        if args.json:
+            Path(args.json).write_text(to_json(report) + "\n")
+    except LorcError as e:
+        return _err(str(e))
+    except OSError as e:
+        return _err(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+    print(format_compare(report))
+    return 0

@@ -1,0 +1,216 @@
+"""tools/eval.py, tools/bench.py, tools/compare.py and the plots on a tiny synthetic model and its
+LoRC conversion: JSON fields, perplexity against a direct computation, KV ratios against the
+ranks written in the file, PNG output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import synth
+from lorc_gguf import convert, constants
+from lorc_gguf import evaluate as ev
+from lorc_gguf.bench import bench_main
+from lorc_gguf.plots import pareto_front, plot_main
+from lorc_gguf.session import Session, SessionParams
+
+pytest.importorskip("llama_cpp")
+
+CTX, CHUNKS = 64, 2
+N_LAYER, D_KV = 4, 64  # synth defaults: n_head_kv 2 x head_dim 32
+THREADS = ["--threads", "1"]  # OpenMP threads spin badly on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("evaltools")
+    original = synth.make_llama_gguf(d / "original.gguf", seed=3, dtype="f16")
+    lorc = d / "lorc.gguf"
+    convert(original, lorc, allocation="progressive", ratio=0.5, progress=False)
+    return original, lorc
+
+
+def file_ranks(path: Path) -> tuple[list[int], list[int]]:
+    reader = gguf.GGUFReader(str(path))
+
+    def arr(key):
+        f = reader.fields[key]
+        return [int(f.parts[i][0]) for i in f.data]
+
+    return arr(constants.key_rank_key("llama")), arr(constants.value_rank_key("llama"))
+
+
+def assert_png(path: Path) -> None:
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+    assert data[-8:-4] == b"IEND"
+
+
+def test_calibration_and_eval_text_are_disjoint_halves():
+    full, cal, evl = ev.pydoc_text(), ev.calibration_text(), ev.eval_text()
+    assert cal + evl == full
+    assert abs(len(cal) - len(evl)) < 0.01 * len(full)
+    assert cal[-2000:] not in evl and evl[:2000] not in cal
+
+
+def test_eval_json_and_table(pair, tmp_path, capsys):
+    original, lorc = pair
+    out, png = tmp_path / "eval.json", tmp_path / "pareto.png"
+    rc = ev.eval_main([str(original), f"{original}@q8_0", str(lorc), "--ctx", str(CTX), "--chunks", str(CHUNKS),
+                       "--json", str(out), "--plot", str(png), "-q", *THREADS])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["tool"] == "eval" and report["ctx"] == CTX and report["baseline"] == "original"
+    base, q8, lo = report["models"]
+    for m in report["models"]:
+        for key in ("label", "path", "cache_type_k", "cache_type_v", "flash_attn", "ppl", "ppl_stderr", "nll",
+                    "kv_bytes_per_token_raw", "kv_bytes_per_token", "kv_ratio", "kl_mean", "top1_agreement"):
+            assert key in m, key
+        assert m["n_scored"] == CHUNKS * (CTX // 2 - 1)
+        assert math.isfinite(m["ppl"]) and m["ppl"] > 1
+        assert math.isfinite(m["ppl_stderr"]) and m["ppl_stderr"] > 0
+        assert m["kv_bytes_per_token_raw"] - m["kv_bytes_per_token"] == ev.CELL_METADATA_BYTES
+        assert m["label"] in stdout
+    assert base["kl_mean"] == 0 and base["top1_agreement"] == 1
+    assert base["kv_bytes_per_token"] == N_LAYER * 2 * D_KV * 2  # f16 K and V rows
+    assert q8["kv_ratio"] == pytest.approx(34 / 64)  # q8_0: 34 bytes per 32 values
+    key_rank, value_rank = file_ranks(lorc)
+    rank_ratio = (sum(key_rank) + sum(value_rank)) / (N_LAYER * 2 * D_KV)
+    assert rank_ratio < 1
+    assert lo["kv_ratio"] == pytest.approx(rank_ratio)
+    assert lo["lorc"]["key_rank"] == key_rank
+    # a different model has a distribution of its own; the q8_0 cache only perturbs the original
+    assert lo["kl_mean"] > 0 and 0 <= lo["top1_agreement"] < 1
+    assert 0 < q8["kl_mean"] < lo["kl_mean"]
+    assert base["ppl"] != lo["ppl"]
+    assert_png(png)
+
+
+def test_eval_perplexity_matches_a_direct_computation(pair):
+    """The tool's NLL against logits of every position from Session.decode_seq: chunk c is tokens
+    [c*ctx, (c+1)*ctx) of the BOS-less tokenization, its first token replaced by BOS, and
+    tokens ctx/2+1 .. ctx-1 are scored."""
+    original, _ = pair
+    text = ev.eval_text()
+    config = ev.make_config(original, flash_attn=False)
+    report = ev.evaluate([config], text, ctx=CTX, n_chunks=CHUNKS, threads=1)
+    nll = []
+    with Session(original, SessionParams(n_ctx=CTX, n_threads=1)) as s:
+        tokens = s.tokenize(text, add_bos=False)
+        bos = s.lib.llama_vocab_bos(s.vocab)
+        for c in range(CHUNKS):
+            chunk = [bos] + tokens[c * CTX + 1:(c + 1) * CTX]
+            s.clear()
+            logits = s.decode_seq(chunk).astype(np.float64)
+            for j in range(CTX // 2, CTX - 1):
+                row = logits[j] - logits[j].max()
+                nll.append(np.log(np.exp(row).sum()) - row[chunk[j + 1]])
+    assert report["models"][0]["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+
+
+def test_model_against_itself_has_zero_kl(pair):
+    original, _ = pair
+    a = ev.make_config(original, label="a")
+    b = ev.make_config(original, label="b")
+    report = ev.evaluate([a, b], ev.eval_text(), ctx=CTX, n_chunks=1, threads=1)
+    m = report["models"][1]
+    assert m["kl_mean"] == pytest.approx(0, abs=1e-6) and m["top1_agreement"] == 1 and m["kv_ratio"] == 1
+
+
+def test_bench_quick_json(pair, tmp_path, capsys):
+    original, lorc = pair
+    out, png = tmp_path / "bench.json", tmp_path / "speed.png"
+    rc = bench_main([str(original), str(lorc), "--quick", "--ctx", "64,128", "--decode-tokens", "4",
+                     "--budget-mib", "1", "--json", str(out), "--plot", str(png), "-q", *THREADS])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["tool"] == "bench"
+    assert report["settings"]["contexts"] == [64, 128] and report["settings"]["decode_tokens"] == 4
+    assert {"cpu", "threads", "backend", "loadavg"} <= set(report["machine"])
+    assert report["machine"]["backend"] and report["versions"]["llama_cpp_python"]
+    labels = [c["label"] for c in report["configs"]]
+    assert labels == ["original", "lorc", "original [q8_0]", "lorc [q8_0]"]
+    assert len(report["results"]) == 2 * len(labels)
+    for r in report["results"]:
+        assert len(r["prefill_s"]) == len(r["decode_s"]) == 1
+        for key in ("prefill_tps", "decode_tps"):
+            assert math.isfinite(r[key]) and r[key] > 0
+        assert r["decode_depth"] == r["n_ctx"] - 4
+    by = {c["label"]: c for c in report["configs"]}
+    key_rank, value_rank = file_ranks(lorc)
+    rank_ratio = (sum(key_rank) + sum(value_rank)) / (N_LAYER * 2 * D_KV)
+    assert by["lorc"]["kv_ratio"] == pytest.approx(rank_ratio)
+    assert by["lorc [q8_0]"]["kv_ratio"] == pytest.approx(rank_ratio * 34 / 64)
+    for c in report["configs"]:
+        assert c["budget_ctx"] == (1 << 20) // c["kv_bytes_per_token"]
+        assert c["label"] in stdout
+    assert by["lorc"]["budget_ctx"] > by["original"]["budget_ctx"]
+    assert_png(png)
+
+
+def test_compare_model_against_itself(pair, tmp_path, capsys):
+    original, _ = pair
+    out = tmp_path / "compare.json"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\n\nWhat is two plus two?\n")
+    rc = ev.compare_main([str(original), str(original), "--prompts", str(prompts), "--max-tokens", "8",
+                          "--ctx", "256", "--json", str(out), "-q", *THREADS])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert len(report["prompts"]) == 2
+    assert report["prefix_agreement"] == 1.0 and report["overall_agreement"] == 1.0
+    assert report["identical_replies"] == 2
+    assert all(len(p["reference"]["tokens"]) > 0 for p in report["prompts"])
+    assert "What is two plus two?" in stdout
+
+
+def test_token_agreement():
+    assert ev.token_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == {
+        "prefix": 4, "n_reference": 4, "n_other": 4, "prefix_fraction": 1.0, "overall": 1.0}
+    a = ev.token_agreement([1, 2, 3, 4], [1, 2, 9, 4, 5])
+    assert a["prefix"] == 2 and a["prefix_fraction"] == 0.5 and a["overall"] == pytest.approx(3 / 5)
+
+
+def test_plot_ranks_and_pareto_front(pair, tmp_path, capsys):
+    _, lorc = pair
+    png = tmp_path / "ranks.png"
+    assert plot_main(["ranks", str(lorc), str(png)]) == 0
+    assert_png(png)
+    assert pareto_front([(1, 5), (2, 3), (3, 4), (0.5, 9)]) == [3, 0, 1]
+
+
+@pytest.mark.parametrize("main,argv", [
+    (ev.eval_main, ["/no/such/model.gguf"]),
+    (ev.compare_main, ["/no/such/a.gguf", "/no/such/b.gguf"]),
+    (bench_main, ["/no/such/model.gguf", "--quick"]),
+    (plot_main, ["ranks", "/no/such/model.gguf", "out.png"]),
+    (plot_main, ["pareto", "/no/such/eval.json", "out.png"]),
+])
+def test_missing_file_is_one_line_and_exit_2(main, argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "/no/such/" in err and "\n" not in err
+
+
+def test_quantized_v_cache_without_flash_attention_is_refused(pair, capsys):
+    original, _ = pair
+    assert ev.eval_main([f"{original}@q8_0", "--flash-attn", "off"]) == 2
+    assert "flash attention" in capsys.readouterr().err
+
+
+def test_plot_of_an_ordinary_model_is_refused(pair, tmp_path, capsys):
+    original, _ = pair
+    assert plot_main(["ranks", str(original), str(tmp_path / "x.png")]) == 2
+    assert "not a LoRC GGUF" in capsys.readouterr().err

@@ -2,7 +2,12 @@
 """`make demo`: convert the embedded SmolLM2 to a LoRC GGUF, chat with it through the patched
 llama-cpp-python, and compare its KV cache with the original model's.
 
-    python tools/demo.py [--ratio 0.5] [--out out/] [--prompt "..."]
+The default is the configuration we recommend: progressive-budget ranks chosen by calibrated
+sensitivity (--sensitivity, whitened SVD on the calibration half of the pydoc text) and the
+hybrid cache (4 sink tokens and the last 64 tokens exact). --data-free converts with the paper's
+data-free SVD and progressive rule instead, to see why we don't recommend it on this model.
+
+    python tools/demo.py [--ratio 0.5] [--data-free] [--out out/] [--prompt "..."]
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from lorc_gguf import LorcError, convert, runtime  # noqa: E402
 from lorc_gguf.models import smollm2_path  # noqa: E402
 from lorc_gguf.session import Session, SessionParams, silence_llama_logs  # noqa: E402
 
-DEFAULT_PROMPT = "In two sentences, what does a KV cache store in a transformer?"
+# long enough (~200 tokens) that most of it leaves the hybrid cache's exact window of 64 tokens
+# and is attended through the latent cache
+DEFAULT_PROMPT = (
+    "Read this note and answer the question after it.\n\n"
+    "Note: The lighthouse on Gull Island was built in 1871 from granite quarried on the mainland. "
+    "Its first keeper, Martha Reyes, kept a log of every ship that passed, and her log shows that "
+    "the busiest year was 1893, when 412 ships were recorded. The lamp was converted from oil to "
+    "electricity in 1921, and the last keeper left in 1968, when the light was automated. Today the "
+    "island is a bird sanctuary, and visitors may land only in August, when the puffin chicks have "
+    "left their burrows. The granite tower is 31 metres tall and is painted with a single red band.\n\n"
+    "Question: Who was the first keeper, and in which year were the most ships recorded?")
 PER_CELL = 12  # llama.cpp serializes pos, n_seq_id and a seq_id (int32 each) for every cell
 
 
@@ -30,10 +45,16 @@ def reply(path: Path, prompt: str, max_tokens: int) -> tuple[str, float]:
     return out["choices"][0]["message"]["content"].strip(), time.perf_counter() - t0
 
 
-def kv_bytes_per_token(path: Path) -> float:
-    with Session(path, SessionParams(n_ctx=512)) as s:
-        tokens = s.tokenize("The quick brown fox jumps over the lazy dog. " * 12)
-        return s.kv_bytes_per_token(tokens[:128]) - PER_CELL
+def kv_bytes(path: Path, n_ctx: int) -> tuple[float, float]:
+    """(bytes per token, bytes of a sequence of n_ctx tokens), from the serialized sequence state:
+    its growth per token, and what a 512-token sequence holds beyond that (the hybrid cache's
+    exact sink and window cells, headers), which stays constant as the sequence grows."""
+    with Session(path, SessionParams(n_ctx=1024)) as s:
+        tokens = s.tokenize("The quick brown fox jumps over the lazy dog. " * 60)[:512]
+        per_token = s.kv_bytes_per_token(tokens) - PER_CELL
+        s.decode_seq(tokens, logits=False)
+        fixed = s.seq_state_size(0) - len(tokens) * per_token
+        return per_token, per_token * n_ctx + fixed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--n-ctx", type=int, default=8192, help="context length for the cache-size line")
+    ap.add_argument("--data-free", action="store_true", help="the paper's data-free SVD, progressive rule")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    ap.add_argument("--sink-tokens", type=int, default=4)
+    ap.add_argument("--recent-window", type=int, default=64)
     args = ap.parse_args(argv)
 
     silence_llama_logs()
@@ -50,9 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         runtime.require_patched_runtime()
         original = smollm2_path()
         args.out.mkdir(parents=True, exist_ok=True)
-        lorc = args.out / f"SmolLM2-135M-Instruct.lorc-{args.ratio:g}.gguf"
-        options = dict(allocation="progressive", ratio=args.ratio, progress=False)
-        print(f"converting {original.name} (--progressive --ratio {args.ratio:g}) ...", flush=True)
+        if args.data_free:
+            tag, flags = "data-free", f"--progressive --ratio {args.ratio:g}"
+            options = dict(allocation="progressive", ratio=args.ratio, progress=False)
+        else:
+            tag = "calibrated-hybrid"
+            flags = (f"--sensitivity --ratio {args.ratio:g} --calibration builtin --calib-tokens {args.calib_tokens} "
+                     f"--sink-tokens {args.sink_tokens} --recent-window {args.recent_window}")
+            options = dict(allocation="sensitivity", ratio=args.ratio, calibration="builtin",
+                           calib_tokens=args.calib_tokens, sink_tokens=args.sink_tokens,
+                           recent_window=args.recent_window, progress=False)
+        lorc = args.out / f"SmolLM2-135M-Instruct.lorc-{tag}-{args.ratio:g}.gguf"
+        print(f"converting {original.name} ({flags}) ...", flush=True)
         report = convert(original, lorc, **options)
         print(f"  wrote {lorc} in {report['elapsed_s']:.1f} s: method {report['method']}, "
               f"KV width kept {report['totals']['kv_width_fraction']:.3f}")
@@ -63,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             text, secs = reply(path, args.prompt, args.max_tokens)
             print(f"[{name}] ({secs:.1f} s)\n{text}\n")
 
-        dense, latent = kv_bytes_per_token(original), kv_bytes_per_token(lorc)
+        (dense, dense_total), (latent, latent_total) = kv_bytes(original, args.n_ctx), kv_bytes(lorc, args.n_ctx)
         mib = 1024 * 1024
-        print("KV cache, measured from the runtime (f16 cache):")
-        print(f"  original: {dense:8.0f} bytes/token  -> {dense * args.n_ctx / mib:7.1f} MiB at {args.n_ctx} tokens")
-        print(f"  LoRC    : {latent:8.0f} bytes/token  -> {latent * args.n_ctx / mib:7.1f} MiB at {args.n_ctx} tokens"
-              f"  ({latent / dense:.3f}x)")
+        print("KV cache of one sequence, measured from the runtime (f16 cache):")
+        print(f"  original: {dense:8.0f} bytes/token  -> {dense_total / mib:7.1f} MiB at {args.n_ctx} tokens")
+        print(f"  LoRC    : {latent:8.0f} bytes/token  -> {latent_total / mib:7.1f} MiB at {args.n_ctx} tokens"
+              f"  ({latent_total / dense_total:.3f}x, exact sink/window cells included)")
     except (LorcError, runtime.RuntimeNotPatched) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -280,6 +280,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(p) || softmax(q)), in float64."""
+    p, q = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
 def bos_token(session: Session) -> int | None:
     bos = int(session.lib.llama_vocab_bos(session.vocab))
     return bos if bos >= 0 else None

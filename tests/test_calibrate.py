@@ -15,6 +15,7 @@ from lorc_gguf import aware, calibrate as cal, constants
 from lorc_gguf.arch import SIDES, Side
 from lorc_gguf.convert import convert
 from lorc_gguf.errors import LorcError
+from lorc_gguf.evaluate import mean_kl
 from lorc_gguf.factorize import truncated_svd
 from lorc_gguf.imatrix import imatrix_stats, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
 from lorc_gguf.load import FastGGUFReader, open_gguf
@@ -24,16 +25,6 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 OUTLIERS = (3, 17, 90)  # input channels whose activation scale is raised 40x
 N_CTX = 128
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p, q = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 def with_outlier_norms(src: Path, dst: Path, scale: float = 40.0) -> Path:

@@ -14,6 +14,7 @@ import pytest
 import synth
 from lorc_gguf import convert, runtime
 from lorc_gguf.dense import write_dense_equivalent
+from lorc_gguf.evaluate import mean_kl
 from lorc_gguf.session import Session, SessionParams, silence_llama_logs
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -22,16 +23,6 @@ silence_llama_logs()
 N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM = 4, 256, 8, 2, 64
 D_KV = N_HEAD_KV * HEAD_DIM  # 128
 PLANTED_RANK = 64  # K/V weights of the "exact" model have exactly this rank
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p, q = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

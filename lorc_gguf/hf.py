@@ -50,7 +50,7 @@ def convert_folder(folder: Path, out: Path) -> Path:
         errors = [ln for ln in lines if "Error" in ln or "error" in ln]
         detail = (errors or lines or ["no output"])[-1].strip()
         if "No module named" in detail:
-            # the converter imports torch and transformers, which only the `test` extra installs
-            detail += " (HF input needs torch and transformers: pip install -e '.[test]')"
+            # the converter imports torch, transformers and sentencepiece: the `hf` (or `test`) extra
+            detail += " (HF input needs torch, transformers and sentencepiece: pip install -e '.[hf]')"
         raise LorcError(f"the llama.cpp HF converter failed on {folder}: {detail}")
     return out

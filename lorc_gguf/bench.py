@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from .errors import LorcError
 from .evaluate import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, ModelConfig, _table, bos_token, decode_tokens,
                        default_threads, eval_text, gguf_info, lorc_ranks, machine_info, make_config, measure_kv_bytes,
-                       open_session, parse_flash_attn, resolve_model_path, to_json, versions)
+                       open_session, parse_flash_attn, resolve_model_path, versions)
 
 DEFAULT_CONTEXTS = (512, 2048, 4096, 8192)
 QUICK_CONTEXTS = (256, 1024)
@@ -254,12 +253,13 @@ def _csv(text: str | None, kind: Callable[[str], Any], what: str) -> list[Any]:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    from .evaluate import _err, _stderr
+    from .evaluate import _stderr, run_cli
 
     ap = bench_parser()
     args = ap.parse_args(argv)
     log = None if args.quiet else _stderr
-    try:
+
+    def produce() -> dict[str, Any]:
         fa = parse_flash_attn(args.flash_attn)
         original = make_config(args.original, flash_attn=fa)
         lorc = [resolve_model_path(p) for p in args.lorc]
@@ -280,17 +280,11 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         contexts = _csv(args.ctx, int, "--ctx") or default_contexts(n_ctx_train(original.path), args.quick)
         repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
         n_decode = args.decode_tokens or (8 if args.quick else DEFAULT_DECODE_TOKENS)
-        report = run_bench(configs, contexts, repeats, n_decode, args.threads, args.batch, args.budget_mib, log)
-        if args.json:
-            Path(args.json).write_text(to_json(report) + "\n")
-        if args.plot:
-            from .plots import plot_speed
+        return run_bench(configs, contexts, repeats, n_decode, args.threads, args.batch, args.budget_mib, log)
 
-            plot_speed(report, args.plot)
-    except LorcError as e:
-        return _err(str(e))
-    except OSError as e:
-        return _err(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
-    print(format_bench(report))
-    sys.stdout.flush()
-    return 0
+    def plot(report: dict[str, Any], path: str) -> None:
+        from .plots import plot_speed
+
+        plot_speed(report, path)
+
+    return run_cli(produce, format_bench, args.json, plot, args.plot)

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import time
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -707,9 +708,35 @@ def _labels(spec: str | None, n: int) -> list[str | None]:
     return labels
 
 
+def run_cli(produce: Callable[[], dict[str, Any]], fmt: Callable[[dict[str, Any]], str], json_path: str | None,
+            plot: Callable[[dict[str, Any], str], None] | None = None, plot_path: str | None = None) -> int:
+    """The common end of the eval/bench/compare commands: run ``produce``, write the JSON (and the
+    plot), print the table; a LorcError or OSError becomes one ``error:`` line and exit status 2."""
+    try:
+        report = produce()
+        if json_path:
+            Path(json_path).write_text(to_json(report) + "\n")
+        if plot is not None and plot_path:
+            plot(report, plot_path)
+    except LorcError as e:
+        return _err(str(e))
+    except OSError as e:
+        return _err(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+    print(fmt(report))
+    sys.stdout.flush()
+    return 0
+
+
+def _plot_pareto(report: dict[str, Any], path: str) -> None:
+    from .plots import plot_pareto
+
+    plot_pareto(report, path)
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
-    try:
+
+    def produce() -> dict[str, Any]:
         fa = parse_flash_attn(args.flash_attn)
         labels = _labels(args.labels, len(args.models))
         configs = [parse_model_spec(m, args.cache_type_k, args.cache_type_v, fa, lab)
@@ -718,18 +745,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         report = evaluate(configs, text, ctx=args.ctx, n_chunks=args.chunks, threads=args.threads,
                           n_batch=args.batch, log=None if args.quiet else _stderr)
         report["text"]["source"] = source
-        if args.json:
-            Path(args.json).write_text(to_json(report) + "\n")
-        if args.plot:
-            from .plots import plot_pareto
+        return report
 
-            plot_pareto(report, args.plot)
-    except LorcError as e:
-        return _err(str(e))
-    except OSError as e:
-        return _err(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
-    print(format_eval_table(report))
-    return 0
+    return run_cli(produce, format_eval_table, args.json, _plot_pareto, args.plot)
 
 
 def compare_parser():
@@ -754,7 +772,8 @@ def compare_parser():
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
     args = compare_parser().parse_args(argv)
-    try:
+
+    def produce() -> dict[str, Any]:
         fa = parse_flash_attn(args.flash_attn)
         if args.max_tokens < 1:
             raise LorcError("--max-tokens must be at least 1")
@@ -764,13 +783,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             other = ModelConfig(other.path, other.cache_type_k, other.cache_type_v, other.flash_attn,
                                 other.label + " (2)")
         prompts = read_prompts(args.prompts)
-        report = compare(ref, other, prompts, max_tokens=args.max_tokens, threads=args.threads, n_ctx=args.ctx,
-                         log=None if args.quiet else _stderr)
-        if args.json:
-            Path(args.json).write_text(to_json(report) + "\n")
-    except LorcError as e:
-        return _err(str(e))
-    except OSError as e:
-        return _err(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
-    print(format_compare(report))
-    return 0
+        return compare(ref, other, prompts, max_tokens=args.max_tokens, threads=args.threads, n_ctx=args.ctx,
+                       log=None if args.quiet else _stderr)
+
+    return run_cli(produce, format_compare, args.json)

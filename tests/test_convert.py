@@ -297,6 +297,26 @@ def test_output_is_never_half_written(wide_gguf: Path, tmp_path: Path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_interrupt_while_writing_leaves_nothing(wide_gguf: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or a full disk) in the middle of writing tensor data: OUT is not created and the
+    temporary file beside it is removed."""
+    calls = {"n": 0}
+    original = gguf.GGUFWriter.write_tensor_data
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(wide_gguf, tmp_path / "out.gguf", progress=False)
+    assert calls["n"] == 3
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_report_tool(wide_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.gguf"
     convert(wide_gguf, out, allocation="uniform", ratio=0.5, progress=False)

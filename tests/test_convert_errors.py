@@ -66,10 +66,20 @@ CASES: list[Case] = [
     ("q8_0-rank-not-multiple-of-32", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--outtype", "q8_0",
                                                         "--ranks", "40,64,64,64,64,64,64,64"],
      "not a multiple of 32"),
+    ("truncated-gguf", lambda m, l, q, d: [str(_truncated(m, d, 3_000_000)), str(d / "out.gguf")], "unreadable GGUF"),
+    ("truncated-header", lambda m, l, q, d: [str(_truncated(m, d, 100)), str(d / "out.gguf")], "unreadable GGUF"),
     ("out-equals-model", lambda m, l, q, d: [str(m), str(m)], "OUT is the same file as MODEL"),
     ("out-folder-missing", lambda m, l, q, d: [str(m), str(d / "missing" / "out.gguf")],
      "the folder of OUT does not exist"),
 ]
+
+
+def _truncated(model: Path, d: Path, n_bytes: int) -> Path:
+    """The first n_bytes of a valid GGUF: a download or copy that stopped early."""
+    p = d / "truncated.gguf"
+    with open(model, "rb") as f:
+        p.write_bytes(f.read(n_bytes))
+    return p
 
 
 def _text_file(d: Path) -> Path:

@@ -25,10 +25,68 @@ BASE_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUIL
                    "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
 SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "metal": "-DGGML_METAL=ON"}
 TOOL_TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix", "llama-cli")
+# Compiler flags that switch AMX off under -march=native (GCC and Clang let an explicit -mno-* win
+# over the ISA set -march implies, whatever the order on the command line).
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+# Requests the AMX tile state from Linux (as ggml's AMX init does) and loads a tile
+# configuration: the first instruction ggml's AMX matmul executes.
+_AMX_PROBE_C = r"""
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)) return 2;
+    unsigned char cfg[64];
+    memset(cfg, 0, sizeof cfg);
+    cfg[0] = 1;                       /* palette 1 */
+    cfg[16] = 64; cfg[48] = 16;       /* tile 0: 16 rows of 64 bytes */
+    _tile_loadconfig(cfg);
+    _tile_zero(0);
+    _tile_release();
+    return 0;
+}
+"""
 
 
 class BuildError(RuntimeError):
     pass
+
+
+def cpu_reports_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_tile" in flags.split()
+
+
+def amx_runs() -> bool:
+    """Whether AMX tile instructions actually execute here. Some virtual machines report the AMX
+    CPU flags and grant the tile permission but fault on the first tile instruction; llama.cpp
+    built with -march=native then segfaults in every quantized matmul (ggml_backend_amx_mul_mat)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "amx.c", Path(tmp) / "amx"
+        src.write_text(_AMX_PROBE_C)
+        built = subprocess.run([compiler, "-O1", "-mamx-tile", "-o", str(exe), str(src)], capture_output=True)
+        if built.returncode != 0:
+            return False
+        try:
+            return subprocess.run([str(exe)], capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+
+def native_compiler_flags(log=print) -> str:
+    """Extra C/C++ flags for a native build of llama.cpp on this machine ("" for none)."""
+    if cpu_reports_amx() and not amx_runs():
+        log("this CPU reports AMX but AMX instructions fault here (a virtual machine?): building without AMX")
+        return NO_AMX_FLAGS
+    return ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +143,7 @@ class BuildOptions:
     shortcuts: list[str] = field(default_factory=list)  # "cuda", "metal"
     jobs: int = os.cpu_count() or 2
     force: bool = False
+    compiler_flags: str = ""  # CFLAGS/CXXFLAGS for the llama.cpp build (see native_compiler_flags)
 
     def all_cmake_args(self) -> list[str]:
         return [*BASE_CMAKE_ARGS, *(SHORTCUTS[s] for s in self.shortcuts), *self.cmake_args]
@@ -93,9 +152,19 @@ class BuildOptions:
 def cache_key(series: Series, options: BuildOptions) -> str:
     pin = sdist.read_pin()
     h = hashlib.sha256()
-    for part in (pin.sha256, series.digest(), " ".join(options.all_cmake_args()), sys.version.split()[0]):
+    for part in (pin.sha256, series.digest(), " ".join(options.all_cmake_args()), sys.version.split()[0],
+                 options.compiler_flags):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def _compiler_env(options: BuildOptions) -> dict[str, str]:
+    """The environment for CMake: CFLAGS/CXXFLAGS seed CMAKE_C_FLAGS/CMAKE_CXX_FLAGS."""
+    env = dict(os.environ)
+    if options.compiler_flags:
+        for var in ("CFLAGS", "CXXFLAGS"):
+            env[var] = f"{env.get(var, '')} {options.compiler_flags}".strip()
+    return env
 
 
 def build_wheel(options: BuildOptions, log=print) -> Path:
@@ -110,7 +179,7 @@ def build_wheel(options: BuildOptions, log=print) -> Path:
     with tempfile.TemporaryDirectory(dir=sdist.cache_dir()) as tmp:
         src = patched_tree(series, Path(tmp) / "src", log)
         out = Path(tmp) / "wheel"
-        env = dict(os.environ)
+        env = _compiler_env(options)
         env["CMAKE_ARGS"] = " ".join(options.all_cmake_args())
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(options.jobs)
         log(f"building the patched llama-cpp-python (CMAKE_ARGS={env['CMAKE_ARGS']}); "
@@ -156,7 +225,7 @@ def build_tools(options: BuildOptions, targets=TOOL_TARGETS, log=print) -> Path:
     cfg = ["cmake", "-S", str(llama_cpp), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
            "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", *args]
     for cmd in (cfg, ["cmake", "--build", str(root / "build"), "-j", str(options.jobs), "--target", *targets]):
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_compiler_env(options))
         if proc.returncode != 0:
             raise BuildError(f"{' '.join(cmd[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     log(f"built {', '.join(targets)} in {bin_dir}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -32,6 +33,28 @@ def silence_llama_logs() -> None:
 
 
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+
+HYBRID_ENV = ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW")
+
+
+@contextmanager
+def hybrid_override(sink_tokens: int | None = None, recent_window: int | None = None):
+    """Contexts created inside use these hybrid-cache sizes instead of the file's defaults (the
+    runtime's documented environment overrides; None leaves one as it is). (0, 0) gives the plain
+    latent cache of a hybrid file."""
+    saved = {k: os.environ.get(k) for k in HYBRID_ENV}
+    try:
+        for key, value in zip(HYBRID_ENV, (sink_tokens, recent_window)):
+            if value is not None:
+                os.environ[key] = str(int(value))
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)

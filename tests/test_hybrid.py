@@ -5,8 +5,6 @@ the plain latent cache)."""
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,30 +13,13 @@ import pytest
 import reference
 import synth
 from lorc_gguf import convert, runtime
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs
+from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()
 
 SINKS, WINDOW = 4, 16
 N_LAYER = 3
-
-
-@contextmanager
-def hybrid_env(sinks: int | None = None, window: int | None = None):
-    """The documented load-time overrides of the file's hybrid defaults."""
-    saved = {k: os.environ.get(k) for k in ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW")}
-    try:
-        for key, value in (("LLAMA_LORC_SINK_TOKENS", sinks), ("LLAMA_LORC_RECENT_WINDOW", window)):
-            if value is not None:
-                os.environ[key] = str(value)
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +73,14 @@ def test_mixed_case_matches_reference_rule(models, flash_attn):
 
 def test_everything_exact_is_the_original_model(models):
     tokens = prompt(64, seed=1)
-    with hybrid_env(window=256):
+    with hybrid_override(recent_window=256):
         got = run(models["hybrid"], tokens, **F32)
     np.testing.assert_allclose(got, run(models["original"], tokens, **F32), atol=1e-3)
 
 
 def test_no_sinks_no_window_is_the_plain_latent_cache(models):
     tokens = prompt(64, seed=2)
-    with hybrid_env(sinks=0, window=0):
+    with hybrid_override(sink_tokens=0, recent_window=0):
         got = run(models["hybrid"], tokens)
     np.testing.assert_allclose(got, run(models["plain"], tokens), atol=1e-5)
 

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="only check that the series applies, then exit")
     ap.add_argument("--tools", action="store_true", help="also build llama.cpp's programs from the patched tree")
     ap.add_argument("--no-install", action="store_true", help="build (or find) the wheel, do not install it")
+    ap.add_argument("--amx", choices=("auto", "on", "off"), default="auto",
+                    help="AMX under -march=native: auto (default) builds without it where the CPU reports "
+                         "AMX but cannot run it, as in some virtual machines")
     args = ap.parse_args(argv)
 
     options = build.BuildOptions(cmake_args=args.cmake_arg,
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                                  force=args.force)
     if args.jobs:
         options.jobs = args.jobs
+    if args.amx == "off":
+        options.compiler_flags = build.NO_AMX_FLAGS
+    elif args.amx == "auto" and not args.check:
+        options.compiler_flags = build.native_compiler_flags()
     try:
         series = build.read_series()
         if args.check:

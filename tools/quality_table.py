@@ -8,9 +8,13 @@ Evaluation: the SECOND half of pydoc_data.topics (calibration uses the first hal
 chunks of 512 tokens with BOS first, the second half of each chunk scored (llama-perplexity's
 rule), through the patched llama.cpp runtime. Rows: the original with f16, q8_0 and q4_0 caches
 (flash attention for the quantized ones), and LoRC at KV widths 0.75 / 0.5 / 0.35 with data-free
-SVD (uniform, progressive) and calibrated SVD (progressive, sensitivity), plus LoRC with a q8_0
-latent cache. Cache bytes are relative to the original's f16 cache (q8_0 = 34/64 of f16 per
-element, q4_0 = 18/64). Prints a markdown table and writes JSON.
+SVD (uniform, progressive) and calibrated SVD (progressive, sensitivity), each with the plain
+latent cache and with the hybrid cache (first 4 and last 64 positions exact: every file is
+converted with those defaults and read once with LLAMA_LORC_SINK_TOKENS=LLAMA_LORC_RECENT_WINDOW=0),
+plus the calibrated-sensitivity files with a q8_0 latent cache. Cache bytes are relative to the
+original's f16 cache (q8_0 = 34/64 of f16 per element, q4_0 = 18/64); the hybrid rows hold
+4 + 64 exact cells per layer on top, a constant (68/512 of a full f16 cache at ctx 512,
+68/4096 at 4K). Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from lorc_gguf import calibrate as cal  # noqa: E402
 from lorc_gguf.convert import convert  # noqa: E402
 from lorc_gguf.load import open_gguf  # noqa: E402
 from lorc_gguf.models import smollm2_path  # noqa: E402
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs  # noqa: E402
+from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs  # noqa: E402
 
 CACHE_BYTES = {"f16": 1.0, "q8_0": 34 / 64, "q4_0": 18 / 64}  # per element, relative to f16
 WIDTHS = (0.75, 0.5, 0.35)
+SINK_TOKENS, RECENT_WINDOW = 4, 64
 
 
 def eval_chunks(model: Path, n_chunks: int, n_ctx: int = 512) -> np.ndarray:
@@ -83,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
 
-    def add(name: str, path: Path, width: float, cache: str, flash: bool, extra: dict | None = None) -> None:
+    def add(name: str, path: Path, width: float, cache: str, flash: bool, extra: dict | None = None,
+            hybrid: bool = False) -> None:
         t0 = time.perf_counter()
-        ppl = perplexity(path, chunks, cache, flash)
-        row = {"config": name, "kv_width": width, "cache": cache, "flash_attn": flash,
-               "cache_bytes_vs_f16": width * CACHE_BYTES[cache], "ppl": ppl, **(extra or {})}
+        sizes = (SINK_TOKENS, RECENT_WINDOW) if hybrid else (0, 0)
+        with hybrid_override(*sizes):
+            ppl = perplexity(path, chunks, cache, flash)
+        row = {"config": name + (f", hybrid {SINK_TOKENS}+{RECENT_WINDOW}" if hybrid else ""), "kv_width": width,
+               "cache": cache, "flash_attn": flash, "cache_bytes_vs_f16": width * CACHE_BYTES[cache],
+               "exact_cells": SINK_TOKENS + RECENT_WINDOW if hybrid else 0, "ppl": ppl, **(extra or {})}
         rows.append(row)
         print(f"{name:<40} width {width:.3f} cache {cache:<5} bytes {row['cache_bytes_vs_f16']:.3f} "
               f"ppl {ppl:.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -105,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     for width in widths:
         for name, opts in configs:
             out = args.workdir / f"{name.replace(' ', '').replace(',', '-')}-{width}.gguf"
-            report = convert(model, out, ratio=width, progress=False, **opts)
+            report = convert(model, out, ratio=width, progress=False, sink_tokens=SINK_TOKENS,
+                             recent_window=RECENT_WINDOW, **opts)
             kept = report["totals"]["kv_width_fraction"]
-            add(name, out, kept, "f16", False, {"requested_width": width, "method": report["method"],
-                                                "allocation": report["allocation"]})
-            if name.startswith("calibrated SVD, sensitivity") and abs(width - 0.5) < 1e-9:
-                add(name + ", q8_0 latent cache", out, kept, "q8_0", True,
-                    {"requested_width": width, "method": report["method"], "allocation": report["allocation"]})
+            extra = {"requested_width": width, "method": report["method"], "allocation": report["allocation"]}
+            for hybrid in (False, True):
+                add(name, out, kept, "f16", False, extra, hybrid)
+            if name.startswith("calibrated SVD, sensitivity"):
+                for hybrid in (False, True):
+                    add(name + ", q8_0 latent cache", out, kept, "q8_0", True, extra, hybrid)
             out.unlink(missing_ok=True)
 
     base = rows[0]["ppl"]
@@ -122,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
               "calibration": {"text": "pydoc_data.topics, first half", "tokens": args.calib_tokens},
               "rows": rows}
     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print("| configuration | KV width | cache | bytes vs f16 | ppl | vs original |")
-    print("|---|---:|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['config']} | {r['kv_width']:.3f} | {r['cache']} | {r['cache_bytes_vs_f16'] * 100:.1f}% | "
-              f"{r['ppl']:.3f} | {r['ppl_vs_original'] * 100:+.1f}% |")
+    print(format_table(result))
     return 0
+
+
+def format_table(result: dict) -> str:
+    lines = ["| configuration | KV width | cache | bytes vs f16 | exact cells | ppl | vs original |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['config']} | {r['kv_width']:.3f} | {r['cache']} | {r['cache_bytes_vs_f16'] * 100:.1f}% | "
+                     f"{r.get('exact_cells', 0) or ''} | {r['ppl']:.3f} | {r['ppl_vs_original'] * 100:+.1f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""The build step's choices that do not need a compiler run of llama.cpp: the AMX decision and
+the wheel cache key."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorc_gguf import build
+
+
+def test_amx_is_switched_off_only_where_it_is_claimed_but_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for reports, runs, expected in [(True, False, build.NO_AMX_FLAGS), (True, True, ""), (False, False, "")]:
+        monkeypatch.setattr(build, "cpu_reports_amx", lambda reports=reports: reports)
+        monkeypatch.setattr(build, "amx_runs", lambda runs=runs: runs)
+        assert build.native_compiler_flags(log=lambda *_: None) == expected
+
+
+def test_no_amx_flags_win_over_march_native() -> None:
+    """-march=native followed by nothing, preceded by -mno-amx-*: GCC must not define __AMX_INT8__
+    (the macro that compiles ggml's AMX backend in)."""
+    import shutil
+    import subprocess
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    out = subprocess.run([cc, *build.NO_AMX_FLAGS.split(), "-march=native", "-dM", "-E", "-"], input="",
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"{cc} does not take the AMX flags: {out.stderr.strip()[:200]}")
+    assert "__AMX_INT8__" not in out.stdout and "__AMX_TILE__" not in out.stdout
+
+
+def test_cache_key_changes_with_compiler_flags() -> None:
+    series = build.read_series()
+    plain = build.BuildOptions()
+    no_amx = build.BuildOptions(compiler_flags=build.NO_AMX_FLAGS)
+    assert build.cache_key(series, plain) != build.cache_key(series, no_amx)
+    assert build.cache_key(series, plain) == build.cache_key(series, build.BuildOptions())

@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lorc-installed
 
-.PHONY: setup runtime demo test check-patches bench eval clean
+.PHONY: setup runtime demo test check-patches results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: runtime
 
 test: runtime
 	$(BIN)/python -m pytest -q tests
+
+# the README's quality and speed tables and plots, into results/ (about an hour on 2 cores)
+results: runtime
+	$(BIN)/python tools/results.py
 
 check-patches: setup
 	$(BIN)/python tools/build_runtime.py --check

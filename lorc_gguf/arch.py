@@ -45,6 +45,8 @@ class ModelShape:
     n_head_kv: tuple[int, ...]  # per layer
     head_dim_k: int
     head_dim_v: int
+    # RoPE pairs: adjacent rows (2i, 2i+1), llama.cpp's NORM mode, or halves (i, i + n_rot/2), NEOX
+    rope_neox: bool = False
 
     def width(self, side: Side, layer: int) -> int:
         """Cache width of one layer's K or V (ggml's ``n_embd_k_gqa(il)`` / ``n_embd_v_gqa(il)``)."""
@@ -59,6 +61,7 @@ class Architecture:
     """Defaults follow llama.cpp's generic hparams loading (``llama_model::load_hparams``)."""
 
     name: ClassVar[str]
+    rope_neox: ClassVar[bool] = False  # llama.cpp's rope type for the architecture (llama_model_rope_type)
 
     def shape(self, meta: Metadata) -> ModelShape:
         n_layer = self._required(meta, gguf.Keys.LLM.BLOCK_COUNT)
@@ -75,7 +78,7 @@ class Architecture:
         head_dim_v = meta.get(gguf.Keys.Attention.VALUE_LENGTH.format(arch=self.name)) or default_head_dim
         return ModelShape(architecture=self.name, n_layer=int(n_layer), n_embd=int(n_embd),
                           n_head=int(n_head[0]), n_head_kv=tuple(int(h) for h in n_head_kv),
-                          head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v))
+                          head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v), rope_neox=self.rope_neox)
 
     def weight_name(self, side: Side, layer: int) -> str:
         """The dense projection that LoRC factorizes, as stored in the GGUF (n_embd -> width)."""
@@ -122,6 +125,15 @@ class Llama(Architecture):
     """
 
     name = "llama"
+
+
+@register
+class Qwen2(Architecture):
+    """qwen2 (Qwen1.5, Qwen2, Qwen2.5): biases on Q/K/V, which the runtime adds after the
+    up-projection (keys) or after attention (values: the weights sum to one); NEOX RoPE."""
+
+    name = "qwen2"
+    rope_neox = True
 
 
 def registered() -> tuple[str, ...]:

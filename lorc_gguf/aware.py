@@ -118,14 +118,22 @@ def value_output_factor(wo: np.ndarray, n_head: int, n_head_kv: int, head_dim: i
     return m
 
 
-def key_output_factor(q_pair: np.ndarray) -> np.ndarray:
-    e = np.repeat(np.asarray(q_pair, dtype=np.float64), 2)
+def key_output_factor(q_pair: np.ndarray, head_dim: int = 0, rope_neox: bool = False) -> np.ndarray:
+    """Per-row weights of K from the per-pair query energy: a pair is rows (2i, 2i+1) of a head,
+    or (i, i + head_dim/2) with NEOX RoPE."""
+    q_pair = np.asarray(q_pair, dtype=np.float64)
+    if rope_neox:
+        per_head = q_pair.reshape(-1, head_dim // 2)
+        e = np.concatenate([per_head, per_head], axis=1).reshape(-1)
+    else:
+        e = np.repeat(q_pair, 2)
     e = e / max(float(e.mean()), 1e-30)
     return np.sqrt(np.maximum(e, 1e-6))
 
 
 def make_transform(stats: LayerStats | None, side: Side, opts: AwareOptions, *, wo: np.ndarray | None = None,
-                   n_head: int = 0, n_head_kv: int = 0, head_dim: int = 0) -> Transform:
+                   n_head: int = 0, n_head_kv: int = 0, head_dim: int = 0, head_dim_k: int = 0,
+                   rope_neox: bool = False) -> Transform:
     if stats is None or opts.method == SVD:
         return Transform()
     center = opts.center and opts.method in (DIAG, WHITEN) and stats.mean is not None
@@ -133,7 +141,7 @@ def make_transform(stats: LayerStats | None, side: Side, opts: AwareOptions, *, 
     m = None
     if opts.out_weight:
         if side is Side.KEY and stats.q_pair is not None:
-            m = key_output_factor(stats.q_pair)
+            m = key_output_factor(stats.q_pair, head_dim_k, rope_neox)
         elif side is Side.VALUE and wo is not None:
             m = value_output_factor(wo, n_head, n_head_kv, head_dim)
     return Transform(l=l, m=m, mean=np.asarray(stats.mean, dtype=np.float64) if center else None)

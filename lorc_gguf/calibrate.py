@@ -37,6 +37,7 @@ import numpy as np
 from .arch import Side
 from .errors import LorcError
 from .load import SourceModel
+from .text import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
 
 DEFAULT_CALIB_TOKENS = 16384
 DEFAULT_CTX = 512
@@ -44,22 +45,8 @@ DEFAULT_CTX = 512
 
 # --- text ---------------------------------------------------------------------------------------
 
-def pydoc_text() -> str:
-    """All of ``pydoc_data.topics`` joined in sorted key order (English technical prose)."""
-    from pydoc_data.topics import topics
-    return "".join(topics[k] for k in sorted(topics))
-
-
-def calibration_text() -> str:
-    """The built-in calibration text: the FIRST half of ``pydoc_text()`` (evaluation uses the second)."""
-    text = pydoc_text()
-    return text[:len(text) // 2]
-
-
-def evaluation_text() -> str:
-    """The SECOND half of ``pydoc_text()``, disjoint from ``calibration_text()``."""
-    text = pydoc_text()
-    return text[len(text) // 2:]
+# the evaluation half under the name this module has always used
+evaluation_text = eval_text
 
 
 class Tokenizer:
@@ -214,13 +201,15 @@ class LlamaForward:
         return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x (..., n_ctx, n_head, head_dim); NORM mode: rotate adjacent pairs (2i, 2i+1)."""
+        """x (..., n_ctx, n_head, head_dim); NORM mode rotates adjacent pairs (2i, 2i+1), NEOX mode
+        the halves (i, i + n_rot/2)."""
         out = x.copy()
         r = self.n_rot
-        a, b = x[..., :r:2], x[..., 1:r:2]
+        first, second = (slice(0, r // 2), slice(r // 2, r)) if self.shape.rope_neox else (slice(0, r, 2), slice(1, r, 2))
+        a, b = x[..., first], x[..., second]
         c, s = cos[:, None, :], sin[:, None, :]
-        out[..., :r:2] = a * c - b * s
-        out[..., 1:r:2] = a * s + b * c
+        out[..., first] = a * c - b * s
+        out[..., second] = a * s + b * c
         return out
 
     def attention(self, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -392,7 +381,9 @@ def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
         # |q_2i+1|^2) / 2, summed over the query heads of the group
         B, T, _ = x.shape
         hk = sh.head_dim_k
-        q = (x @ w.wq.T + (0 if w.bq is None else w.bq.reshape(-1))).reshape(B * T, sh.n_head, hk // 2, 2)
+        q = (x @ w.wq.T + (0 if w.bq is None else w.bq.reshape(-1))).reshape(B * T, sh.n_head, hk)
+        q = q.reshape(B * T, sh.n_head, 2, hk // 2).swapaxes(-1, -2) if sh.rope_neox else \
+            q.reshape(B * T, sh.n_head, hk // 2, 2)  # (tokens, n_head, pair, its two rows)
         e = np.square(q.astype(np.float64)).sum(-1).sum(0) / 2.0  # (n_head, hk/2) summed over tokens
         nkv = w.wk.shape[0] // hk
         e = e.reshape(nkv, sh.n_head // nkv, hk // 2).sum(1).reshape(-1)  # (nkv * hk/2,)

@@ -196,7 +196,8 @@ class _Weighting:
             t = self.model.tensors[f"blk.{layer}.attn_output.weight"]
             wo = gguf.quants.dequantize(t.data, t.tensor_type).reshape(sh.n_embd, -1)
         return aware.make_transform(self.stats.layers[layer], side, self.opts, wo=wo, n_head=sh.n_head,
-                                    n_head_kv=sh.n_head_kv[layer], head_dim=sh.head_dim_v)
+                                    n_head_kv=sh.n_head_kv[layer], head_dim=sh.head_dim_v, head_dim_k=sh.head_dim_k,
+                                    rope_neox=sh.rope_neox)
 
     def decomposition(self, side: Side, layer: int, w: np.ndarray) -> aware.Decomposition:
         return aware.Decomposition.of(w, self.transform(side, layer))

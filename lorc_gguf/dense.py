@@ -1,5 +1,6 @@
 """Dense-equivalent of a LoRC GGUF: every factor pair multiplied back into an ordinary
-``attn_k``/``attn_v`` weight (W = up * down), LoRC metadata removed.
+``attn_k``/``attn_v`` weight (W = up * down), LoRC metadata removed (a hybrid-cache file's exact
+``attn_k``/``attn_v`` are replaced too: the result is the latent approximation everywhere).
 
 The result runs on any llama.cpp through the ordinary attention path and computes the same
 function as the latent cache up to rounding, so comparing the two isolates the runtime's latent
@@ -44,8 +45,18 @@ def write_dense_equivalent(src: str | os.PathLike[str], dst: str | os.PathLike[s
     metadata = copy_metadata(reader, skip=skip)
     by_name = {t.name: t for t in reader.tensors}
 
+    # a hybrid-cache file also keeps the exact attn_k/attn_v of factorized layers: the
+    # dense-equivalent replaces them with up * down
+    replaced = {dense.format(bid=int(t.name.split(".")[1]))
+                for t in reader.tensors
+                for down, dense in ((constants.TENSOR_K_DOWN, constants.TENSOR_K),
+                                    (constants.TENSOR_V_DOWN, constants.TENSOR_V))
+                if t.name.endswith(down.split("}", 1)[1])}
+
     tensors = []
     for t in reader.tensors:
+        if t.name in replaced:
+            continue
         for down_tpl, up_tpl, dense_tpl in ((constants.TENSOR_K_DOWN, constants.TENSOR_K_UP, constants.TENSOR_K),
                                             (constants.TENSOR_V_DOWN, constants.TENSOR_V_UP, constants.TENSOR_V)):
             suffix_down = down_tpl.split("}", 1)[1]

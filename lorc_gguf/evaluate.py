@@ -36,6 +36,7 @@ import numpy as np
 from . import constants
 from .errors import LorcError
 from .session import CACHE_TYPES, Session, SessionParams, silence_llama_logs
+from .text import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
 
 # llama.cpp serializes pos, n_seq_id and one seq_id (int32 each) per cell next to the K/V rows:
 # a sequence state grows by this much per token on top of the cache itself
@@ -49,31 +50,6 @@ FLASH_ATTN_CHOICES = ("auto", "on", "off")
 
 
 # --- text ----------------------------------------------------------------------------------------
-
-def pydoc_text() -> str:
-    """The ``pydoc_data.topics`` texts joined in sorted key order (deterministic for a Python)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def _split_point(text: str) -> int:
-    mid = len(text) // 2
-    nl = text.find("\n", mid)
-    return mid if nl < 0 else nl + 1
-
-
-def calibration_text() -> str:
-    """First half of the pydoc text (disjoint from ``eval_text``)."""
-    text = pydoc_text()
-    return text[:_split_point(text)]
-
-
-def eval_text() -> str:
-    """Second half of the pydoc text (disjoint from ``calibration_text``)."""
-    text = pydoc_text()
-    return text[_split_point(text):]
-
 
 def read_text(path: str | os.PathLike[str] | None) -> tuple[str, str]:
     """(text, description) of a text file, or of the default evaluation text when ``path`` is None."""

@@ -88,6 +88,38 @@ def plot_pareto(report: dict[str, Any] | str | os.PathLike[str], out: str | os.P
     return _save(fig, out)
 
 
+def plot_quality(report: dict[str, Any] | str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Perplexity against cache bytes (relative to the original's f16 cache), one point per row of
+    a tools/quality_table.py JSON: llama.cpp's caches, LoRC plain latent and hybrid, with the
+    Pareto front over all of them."""
+    data = _load(report, "quality_table")
+    plt = _plt()
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["config"].startswith("original"):
+            key = "llama.cpp cache (" + r["cache"] + ")"
+        else:
+            key = r["config"].split(", hybrid")[0].replace(", q8_0 latent cache", "") + \
+                (" + q8_0" if r["cache"] == "q8_0" else "") + (" + hybrid" if r.get("exact_cells") else "")
+        groups.setdefault(key, []).append(r)
+    for key, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["cache_bytes_vs_f16"])
+        style = "^" if key.startswith("llama.cpp") else ("s-" if "hybrid" in key else "o--")
+        ax.plot([r["cache_bytes_vs_f16"] for r in rs], [r["ppl"] for r in rs], style, label=key, ms=5, lw=0.8)
+    pts = [(r["cache_bytes_vs_f16"], r["ppl"]) for r in rows]
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k:", lw=1, alpha=0.6, label="Pareto front")
+    ax.set_xlabel("KV cache bytes per token, fraction of the original's f16 cache")
+    ax.set_ylabel(f"perplexity (ctx {data['eval']['n_ctx']}, log scale)")
+    ax.set_yscale("log")
+    ax.set_title("Perplexity vs KV cache size (hybrid rows add 68 exact cells per layer)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, out)
+
+
 def plot_ranks(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """LoRC key and value rank per layer of a LoRC GGUF against the dense widths."""
     from .evaluate import lorc_ranks
@@ -151,6 +183,9 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("ranks", help="rank per layer of a LoRC GGUF")
     r.add_argument("gguf", metavar="GGUF")
     r.add_argument("out", metavar="OUT.png")
+    q = sub.add_parser("quality", help="perplexity vs cache bytes from a tools/quality_table.py JSON")
+    q.add_argument("json", metavar="QUALITY.json")
+    q.add_argument("out", metavar="OUT.png")
     e = sub.add_parser("pareto", help="perplexity vs KV bytes per token from a tools/eval.py JSON")
     e.add_argument("json", metavar="EVAL.json")
     e.add_argument("out", metavar="OUT.png")
@@ -163,6 +198,8 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
             path = plot_ranks(args.gguf, args.out)
         elif args.what == "pareto":
             path = plot_pareto(args.json, args.out)
+        elif args.what == "quality":
+            path = plot_quality(args.json, args.out)
         else:
             path = plot_speed(args.json, args.out)
     except LorcError as e:

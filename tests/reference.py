@@ -1,6 +1,7 @@
-"""A small numpy forward of the llama architecture, straight from a GGUF, used as the reference
-for the runtime's latent and hybrid caches. Float64 throughout; RoPE in llama.cpp's NORM mode
-(adjacent pairs), GQA with query head h reading kv head h // (n_head / n_head_kv), tied output.
+"""A small numpy forward of the llama and qwen2 architectures, straight from a GGUF, used as the
+reference for the runtime's latent and hybrid caches. Float64 throughout; RoPE in llama.cpp's NORM
+mode (adjacent pairs) for llama, NEOX mode (halves) for qwen2; optional Q/K/V biases; GQA with
+query head h reading kv head h // (n_head / n_head_kv); tied or untied output.
 
 ``exact(p0, p1)`` decides per (key position, query position) whether attention uses the exact
 K/V (the dense projections) or the rank-r ones rebuilt from a LoRC file's factors: the rule of
@@ -35,16 +36,18 @@ def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def _rope(x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
-    # x: (T, n_head, head_dim); NORM mode rotates pairs (2i, 2i+1) by pos * base^(-2i/head_dim)
+def _rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool = False) -> np.ndarray:
+    # x: (T, n_head, head_dim); pair i turns by pos * base^(-2i/head_dim). NORM mode pairs rows
+    # (2i, 2i+1), NEOX mode rows (i, i + head_dim/2)
     d = x.shape[-1]
     theta = base ** (-np.arange(0, d, 2) / d)
     ang = pos[:, None, None] * theta[None, None, :]
     cos, sin = np.cos(ang), np.sin(ang)
-    x0, x1 = x[..., 0::2], x[..., 1::2]
+    first, second = (slice(0, d // 2), slice(d // 2, d)) if neox else (slice(0, d, 2), slice(1, d, 2))
+    x0, x1 = x[..., first], x[..., second]
     out = np.empty_like(x)
-    out[..., 0::2] = x0 * cos - x1 * sin
-    out[..., 1::2] = x0 * sin + x1 * cos
+    out[..., first] = x0 * cos - x1 * sin
+    out[..., second] = x0 * sin + x1 * cos
     return out
 
 
@@ -54,7 +57,8 @@ def forward(original: Path, tokens: list[int], lorc: Path | None = None,
     a pair uses the factorized K/V unless ``exact(p0, p1)`` says otherwise."""
     w, reader = _tensors(original)
     factors = _tensors(lorc)[0] if lorc is not None else {}
-    arch = "llama"
+    arch = str(_field(reader, "general.architecture"))
+    neox = arch == "qwen2"
     n_layer = int(_field(reader, f"{arch}.block_count"))
     n_head = int(_field(reader, f"{arch}.attention.head_count"))
     n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv"))
@@ -75,15 +79,19 @@ def forward(original: Path, tokens: list[int], lorc: Path | None = None,
 
     for il in range(n_layer):
         h = _rms_norm(x, w[f"blk.{il}.attn_norm.weight"], eps)
-        q = _rope((h @ w[f"blk.{il}.attn_q.weight"].T).reshape(T, n_head, head_dim), pos, base)
+        def bias(name: str) -> np.ndarray | float:
+            return w.get(f"blk.{il}.{name}.bias", 0.0)
+
+        q = _rope((h @ w[f"blk.{il}.attn_q.weight"].T + bias("attn_q")).reshape(T, n_head, head_dim), pos, base, neox)
         kv = {}
         for side, dense, down_t, up_t in (("k", constants.TENSOR_K, constants.TENSOR_K_DOWN, constants.TENSOR_K_UP),
                                           ("v", constants.TENSOR_V, constants.TENSOR_V_DOWN, constants.TENSOR_V_UP)):
             w_dense = w[dense.format(bid=il)]
             down, up = down_t.format(bid=il), up_t.format(bid=il)
             w_lat = factors[up] @ factors[down] if down in factors else w_dense
-            kv[side] = [(h @ m.T).reshape(T, n_head_kv, head_dim) for m in (w_dense, w_lat)]
-        k_ex, k_lat = (_rope(k, pos, base) for k in kv["k"])
+            b = bias(dense.format(bid=il).removesuffix(".weight").split(".", 2)[2])
+            kv[side] = [(h @ m.T + b).reshape(T, n_head_kv, head_dim) for m in (w_dense, w_lat)]
+        k_ex, k_lat = (_rope(k, pos, base, neox) for k in kv["k"])
         v_ex, v_lat = kv["v"]
         out = np.zeros((T, n_head, head_dim))
         for hq in range(n_head):

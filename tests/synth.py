@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -196,4 +197,39 @@ def make_hf_llama_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd:
     for item in smollm2_hf_tokenizer_dir().iterdir():
         if item.name != ".complete":
             shutil.copy2(item, path / item.name)
+    return path
+
+
+def make_hf_qwen2_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
+                         n_head_kv: int = 2, n_ff: int = 256, seed: int = 0) -> Path:
+    """A random Qwen2ForCausalLM (safetensors) with SmolLM2's tokenizer, saved to ``path``: Q/K/V
+    biases drawn at random (transformers initialises them to zero, which would hide a bias that the
+    latent path drops), untied output."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB_SIZE, hidden_size=n_embd, intermediate_size=n_ff,
+                         num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head_kv,
+                         max_position_embeddings=CONTEXT_LENGTH, rms_norm_eps=RMS_EPS, rope_theta=ROPE_FREQ_BASE,
+                         tie_word_embeddings=False, use_sliding_window=False, bos_token_id=1, eos_token_id=2)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    for item in smollm2_hf_tokenizer_dir().iterdir():
+        if item.name != ".complete":
+            shutil.copy2(item, path / item.name)
+    # transformers 5 loads any model_type "qwen2" folder's tokenizer as Qwen2Tokenizer, whose own
+    # pre-tokenizer turns SmolLM2's vocabulary into a hash the pinned converter does not know (a real
+    # Qwen2 folder has Qwen's tokenizer and hashes as "qwen2"). model_type only steers AutoTokenizer:
+    # the converter picks its Qwen2 class from "architectures", which stays Qwen2ForCausalLM.
+    config_path = path / "config.json"
+    cfg = json.loads(config_path.read_text())
+    cfg["model_type"] = "llama"
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
     return path

@@ -25,9 +25,9 @@ def lorc_gguf_file(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="module")
-def qwen2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("qwen2") / "qwen2.gguf"
-    writer = gguf.GGUFWriter(path, "qwen2")
+def unsupported_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gemma3") / "gemma3.gguf"
+    writer = gguf.GGUFWriter(path, "gemma3")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
     writer.write_header_to_file()
@@ -37,7 +37,7 @@ def qwen2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-# Each case: (id, build argv from (model, lorc file, qwen2 file, out folder), expected message part)
+# Each case: (id, build argv from (model, lorc file, unsupported-architecture file, out folder), expected message part)
 Case = tuple[str, Callable[[Path, Path, Path, Path], list[str]], str]
 CASES: list[Case] = [
     ("missing-model", lambda m, l, q, d: [str(d / "nope.gguf"), str(d / "out.gguf")], "MODEL not found"),
@@ -46,7 +46,7 @@ CASES: list[Case] = [
     ("folder-without-safetensors", lambda m, l, q, d: [str(_folder(d, {"config.json": "{}"})), str(d / "out.gguf")],
      "not a Hugging Face model"),
     ("unsupported-architecture", lambda m, l, q, d: [str(q), str(d / "out.gguf")],
-     "unsupported architecture 'qwen2' (supported: llama)"),
+     "unsupported architecture 'gemma3' (supported: llama, qwen2)"),
     ("already-lorc", lambda m, l, q, d: [str(l), str(d / "out.gguf")], "already LoRC-converted"),
     ("ratio-zero", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ratio", "0"], "ratio must be in (0, 1]"),
     ("ratio-above-one", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ratio", "1.5"], "ratio must be in (0, 1]"),
@@ -97,10 +97,10 @@ def _folder(d: Path, files: dict[str, str]) -> Path:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_error_rows(case: Case, tiny_llama_gguf: Path, lorc_gguf_file: Path, qwen2_gguf: Path, tmp_path: Path,
+def test_error_rows(case: Case, tiny_llama_gguf: Path, lorc_gguf_file: Path, unsupported_gguf: Path, tmp_path: Path,
                     capsys: pytest.CaptureFixture[str]) -> None:
     _, make_argv, message = case
-    argv = make_argv(tiny_llama_gguf, lorc_gguf_file, qwen2_gguf, tmp_path) + ["--no-progress"]
+    argv = make_argv(tiny_llama_gguf, lorc_gguf_file, unsupported_gguf, tmp_path) + ["--no-progress"]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     model_bytes = tiny_llama_gguf.stat().st_size
     assert convert_main(argv) == 2

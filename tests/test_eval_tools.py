@@ -214,3 +214,24 @@ def test_plot_of_an_ordinary_model_is_refused(pair, tmp_path, capsys):
     original, _ = pair
     assert plot_main(["ranks", str(original), str(tmp_path / "x.png")]) == 2
     assert "not a LoRC GGUF" in capsys.readouterr().err
+
+
+def test_plot_quality_table(tmp_path):
+    """tools/plot.py quality on a tools/quality_table.py JSON (rows as that tool writes them); a JSON
+    from another tool is refused with a one-line error."""
+    rows = [{"config": "original", "kv_width": 1.0, "cache": "f16", "cache_bytes_vs_f16": 1.0, "exact_cells": 0,
+             "ppl": 9.6},
+            {"config": "original, q8_0 cache", "kv_width": 1.0, "cache": "q8_0", "cache_bytes_vs_f16": 0.53,
+             "exact_cells": 0, "ppl": 9.6},
+            {"config": "calibrated SVD, sensitivity", "kv_width": 0.5, "cache": "f16", "cache_bytes_vs_f16": 0.5,
+             "exact_cells": 0, "ppl": 12.6},
+            {"config": "calibrated SVD, sensitivity, hybrid 4+64", "kv_width": 0.5, "cache": "f16",
+             "cache_bytes_vs_f16": 0.5, "exact_cells": 68, "ppl": 9.6}]
+    data = {"tool": "quality_table", "eval": {"n_ctx": 512}, "rows": rows}
+    src, png = tmp_path / "quality.json", tmp_path / "quality.png"
+    src.write_text(json.dumps(data))
+    assert plot_main(["quality", str(src), str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    src.write_text(json.dumps({**data, "tool": "eval"}))
+    assert plot_main(["quality", str(src), str(tmp_path / "other.png")]) == 2
+    assert not (tmp_path / "other.png").exists()

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["ppl"]
     for r in rows:
         r["ppl_vs_original"] = r["ppl"] / base - 1.0
-    result = {"model": str(model), "eval": {"text": "pydoc_data.topics, second half", "n_ctx": 512,
+    result = {"tool": "quality_table", "model": str(model), "eval": {"text": "pydoc_data.topics, second half", "n_ctx": 512,
                                             "n_chunks": int(chunks.shape[0]), "scored": "second half of each chunk"},
               "calibration": {"text": "pydoc_data.topics, first half", "tokens": args.calib_tokens},
               "rows": rows}

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Reproduce the README's results on this machine: quality table, speed table and the plots.
+
+    python tools/results.py                  # everything into results/ (about an hour on 2 cores)
+    python tools/results.py --skip-quality   # only conversions, speed and plots
+    make results                             # the same, after setting everything up
+
+Steps (each a command of its own, printed as it runs):
+ 1. tools/quality_table.py  -> results/quality.json, results/quality.md (perplexity, ctx 512 x 8)
+ 2. plot of (1)             -> results/quality.png
+ 3. two conversions of the embedded SmolLM2 with the calibration statistics of (1):
+      lorc-0.5.gguf     calibrated, sensitivity ranks, KV width 0.5, hybrid 4 + 64 (the demo's file)
+      lorc-vfast.gguf   the decode-speed preset: keys dense, values at 0.25 (width 0.625), hybrid
+    and the rank plot of the first -> results/ranks.png
+ 4. tools/bench.py          -> results/bench.json, results/speed.png (original, q8_0 cache, both files)
+
+The backend is the installed runtime's: on a GPU machine build it with
+`tools/build_runtime.py --cuda` first; bench.json records the machine and backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lorc_gguf.models import smollm2_path  # noqa: E402
+
+
+def run(cmd: list[str], stdout: Path | None = None) -> None:
+    print("$ " + " ".join(str(c) for c in cmd), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(stdout, "w") if stdout else open("/dev/null", "w") as out:
+        proc = subprocess.run([str(c) for c in cmd], stdout=out if stdout else None, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"error: step failed (exit {proc.returncode}): {' '.join(str(c) for c in cmd)}")
+    print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "results", help="output folder (default results/)")
+    ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of 512 tokens (default 8)")
+    ap.add_argument("--ctx", default="512,2048,4096", help="bench context lengths (default 512,2048,4096)")
+    ap.add_argument("--repeats", type=int, default=2, help="bench repeats, median reported (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help="bench threads (default: all cores)")
+    ap.add_argument("--skip-quality", action="store_true", help="reuse results/quality.json and its statistics")
+    args = ap.parse_args(argv)
+    out = args.out.resolve()
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    model = smollm2_path()
+
+    if not args.skip_quality:
+        run([py, "tools/quality_table.py", "--chunks", args.chunks, "--workdir", work, "--json", out / "quality.json"],
+            stdout=out / "quality.md")
+    run([py, "tools/plot.py", "quality", out / "quality.json", out / "quality.png"])
+
+    stats = sorted(work.glob("stats-*.npz"))
+    if not stats:
+        sys.exit(f"error: no calibration statistics in {work}: run without --skip-quality first")
+    common = ["--calibration", stats[-1], "--sink-tokens", "4", "--recent-window", "64", "--no-progress", "--quiet"]
+    main_file, fast_file = work / "lorc-0.5.gguf", work / "lorc-vfast.gguf"
+    run([py, "tools/convert.py", model, main_file, "--sensitivity", "--ratio", "0.5", *common])
+    run([py, "tools/convert.py", model, fast_file, "--uniform", "--key-ratio", "1", "--value-ratio", "0.25", *common])
+    run([py, "tools/plot.py", "ranks", main_file, out / "ranks.png"])
+
+    bench = [py, "tools/bench.py", model, main_file, fast_file, "--ctx", args.ctx, "--repeats", args.repeats,
+             "--cache-types", "q8_0", "--lorc-cache-types", "", "--json", out / "bench.json",
+             "--plot", out / "speed.png"]
+    if args.threads:
+        bench += ["--threads", args.threads]
+    run(bench, stdout=out / "bench.md")
+    print(f"results in {out}: quality.md/json/png, bench.md/json, speed.png, ranks.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

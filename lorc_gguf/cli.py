@@ -49,6 +49,10 @@ def convert_parser() -> argparse.ArgumentParser:
                          "(default 0.5)")
     ap.add_argument("--key-ratio", type=float, help="separate budget for K (overrides --ratio for K)")
     ap.add_argument("--value-ratio", type=float, help="separate budget for V (overrides --ratio for V)")
+    ap.add_argument("--values-only", action="store_true",
+                    help="decode-speed preset: keys stay dense (nothing to rebuild when decoding, which is "
+                         "where latent keys cost time) and --ratio (or --value-ratio) is the kept fraction of V; "
+                         "the KV width kept is (1 + ratio) / 2")
     ap.add_argument("--rank-multiple", type=int, default=constants.RANK_MULTIPLE,
                     help=f"round ranks to multiples of this (default {constants.RANK_MULTIPLE}; q8_0 needs 32)")
     ap.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="type of the factors (default f16)")
@@ -85,7 +89,13 @@ def convert_parser() -> argparse.ArgumentParser:
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    args = convert_parser().parse_args(argv)
+    ap = convert_parser()
+    args = ap.parse_args(argv)
+    if args.values_only:
+        if args.key_ratio is not None and args.key_ratio != 1.0:
+            ap.error("--values-only keeps keys dense: drop --key-ratio")
+        args.value_ratio = args.ratio if args.value_ratio is None else args.value_ratio
+        args.key_ratio = 1.0
     try:
         report = convert(args.model, args.out, allocation=args.allocation, ratio=args.ratio,
                          key_ratio=args.key_ratio, value_ratio=args.value_ratio, ranks=args.ranks,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -135,3 +136,19 @@ def test_architecture_registry_matches_the_runtime_list() -> None:
     from lorc_gguf import arch
 
     assert set(constants.SUPPORTED_ARCHITECTURES) <= set(arch.registered())
+
+
+def test_values_only_preset(tiny_llama_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--values-only keeps every key dense and spends --ratio on the values; combined with a
+    --key-ratio other than 1 it is a usage error."""
+    out = tmp_path / "v.gguf"
+    assert convert_main([str(tiny_llama_gguf), str(out), "--uniform", "--values-only", "--ratio", "0.5",
+                         "--no-progress", "--quiet"]) == 0
+    report = json.loads((tmp_path / "v.gguf.lorc.json").read_text())
+    assert all(layer["rank_k"] == layer["width_k"] for layer in report["layers"])
+    assert all(layer["rank_v"] < layer["width_v"] for layer in report["layers"])
+    assert report["totals"]["kv_width_fraction"] == pytest.approx(0.75)
+    with pytest.raises(SystemExit):
+        convert_main([str(tiny_llama_gguf), str(tmp_path / "x.gguf"), "--values-only", "--key-ratio", "0.5"])
+    assert "drop --key-ratio" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--calibration", stats[-1], "--sink-tokens", "4", "--recent-window", "64", "--no-progress", "--quiet"]
     main_file, fast_file = work / "lorc-0.5.gguf", work / "lorc-vfast.gguf"
     run([py, "tools/convert.py", model, main_file, "--sensitivity", "--ratio", "0.5", *common])
-    run([py, "tools/convert.py", model, fast_file, "--uniform", "--key-ratio", "1", "--value-ratio", "0.25", *common])
+    run([py, "tools/convert.py", model, fast_file, "--sensitivity", "--values-only", "--ratio", "0.25", *common])
     run([py, "tools/plot.py", "ranks", main_file, out / "ranks.png"])
 
     bench = [py, "tools/bench.py", model, main_file, fast_file, "--ctx", args.ctx, "--repeats", args.repeats,

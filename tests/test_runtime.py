@@ -130,11 +130,16 @@ def test_kv_bytes_per_token_follow_the_ranks(reduced_pair):
     assert sizes["lorc", "q8_0"] == pytest.approx(0.5 * sizes["dense", "f16"] * 34 / 64)
 
 
-def test_multiple_sequences_in_one_batch(reduced_pair):
-    _, lorc = reduced_pair
+@pytest.mark.parametrize("which,kv_unified", [("lorc", False), ("lorc", True), ("dense", False)])
+def test_multiple_sequences_in_one_batch(reduced_pair, which, kv_unified):
+    """Two sequences in one ubatch. Without flash attention V is cached transposed, written through
+    element-major v_idxs (patch 0008): a unified cache (one stream) takes the transposed latent
+    layout, per-sequence streams the untransposed one, and a dense model's streams still land
+    where they should."""
+    dense, lorc = reduced_pair
     a, b = prompt(40, seed=5), prompt(40, seed=6)
-    params = SessionParams(n_ctx=256, n_seq_max=2)
-    with Session(lorc, params) as s:
+    params = SessionParams(n_ctx=256, n_seq_max=2, kv_unified=kv_unified)
+    with Session(lorc if which == "lorc" else dense, params) as s:
         both = s.decode([(t, i, 0) for i, t in enumerate(a)] + [(t, i, 1) for i, t in enumerate(b)])
         s.clear()
         alone_a = s.decode_seq(a)

@@ -77,19 +77,19 @@ def forward(original: Path, tokens: list[int], lorc: Path | None = None,
         use_exact = np.array([[rule(p0, p1) for p0 in range(T)] for p1 in range(T)])
     causal = np.tril(np.ones((T, T), dtype=bool))
 
+    def bias(il: int, name: str) -> np.ndarray | float:  # qwen2 has Q/K/V biases, llama none
+        return w.get(f"blk.{il}.{name}.bias", 0.0)
+
     for il in range(n_layer):
         h = _rms_norm(x, w[f"blk.{il}.attn_norm.weight"], eps)
-        def bias(name: str) -> np.ndarray | float:
-            return w.get(f"blk.{il}.{name}.bias", 0.0)
-
-        q = _rope((h @ w[f"blk.{il}.attn_q.weight"].T + bias("attn_q")).reshape(T, n_head, head_dim), pos, base, neox)
+        q = _rope((h @ w[f"blk.{il}.attn_q.weight"].T + bias(il, "attn_q")).reshape(T, n_head, head_dim), pos, base, neox)
         kv = {}
         for side, dense, down_t, up_t in (("k", constants.TENSOR_K, constants.TENSOR_K_DOWN, constants.TENSOR_K_UP),
                                           ("v", constants.TENSOR_V, constants.TENSOR_V_DOWN, constants.TENSOR_V_UP)):
             w_dense = w[dense.format(bid=il)]
             down, up = down_t.format(bid=il), up_t.format(bid=il)
             w_lat = factors[up] @ factors[down] if down in factors else w_dense
-            b = bias(dense.format(bid=il).removesuffix(".weight").split(".", 2)[2])
+            b = bias(il, f"attn_{side}")
             kv[side] = [(h @ m.T + b).reshape(T, n_head_kv, head_dim) for m in (w_dense, w_lat)]
         k_ex, k_lat = (_rope(k, pos, base, neox) for k in kv["k"])
         v_ex, v_lat = kv["v"]

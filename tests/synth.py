@@ -179,6 +179,15 @@ def smollm2_hf_tokenizer_dir() -> Path:
     return dest
 
 
+def _save_with_smollm2_tokenizer(model, path: Path) -> None:
+    """``save_pretrained`` (safetensors) into ``path`` plus SmolLM2's tokenizer files."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    for item in smollm2_hf_tokenizer_dir().iterdir():
+        if item.name != ".complete":
+            shutil.copy2(item, path / item.name)
+
+
 def make_hf_llama_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
                          n_head_kv: int = 2, head_dim: int = 32, n_ff: int = 256, seed: int = 0) -> Path:
     """A random LlamaForCausalLM (safetensors) with SmolLM2's tokenizer, saved to ``path``."""
@@ -186,17 +195,13 @@ def make_hf_llama_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=n_embd, intermediate_size=n_ff,
                          num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head_kv,
                          head_dim=head_dim, max_position_embeddings=CONTEXT_LENGTH, rms_norm_eps=RMS_EPS,
                          rope_theta=ROPE_FREQ_BASE, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
-    for item in smollm2_hf_tokenizer_dir().iterdir():
-        if item.name != ".complete":
-            shutil.copy2(item, path / item.name)
+    _save_with_smollm2_tokenizer(model, path)
     return path
 
 
@@ -209,7 +214,6 @@ def make_hf_qwen2_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=VOCAB_SIZE, hidden_size=n_embd, intermediate_size=n_ff,
                          num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head_kv,
@@ -220,10 +224,7 @@ def make_hf_qwen2_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd:
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0.0, 0.5)
-    model.save_pretrained(path, safe_serialization=True)
-    for item in smollm2_hf_tokenizer_dir().iterdir():
-        if item.name != ".complete":
-            shutil.copy2(item, path / item.name)
+    _save_with_smollm2_tokenizer(model, path)
     # transformers 5 loads any model_type "qwen2" folder's tokenizer as Qwen2Tokenizer, whose own
     # pre-tokenizer turns SmolLM2's vocabulary into a hash the pinned converter does not know (a real
     # Qwen2 folder has Qwen's tokenizer and hashes as "qwen2"). model_type only steers AutoTokenizer:

@@ -20,8 +20,8 @@ from typing import Any
 
 from .errors import LorcError
 from .evaluate import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, ModelConfig, _table, bos_token, decode_tokens,
-                       default_threads, eval_text, gguf_info, lorc_ranks, machine_info, make_config, measure_kv_bytes,
-                       open_session, parse_flash_attn, resolve_model_path, versions)
+                       default_threads, eval_text, expand_top_k, gguf_info, lorc_ranks, machine_info, make_config,
+                       measure_kv_bytes, open_session, parse_flash_attn, parse_top_k, resolve_model_path, versions)
 
 DEFAULT_CONTEXTS = (512, 2048, 4096, 8192)
 QUICK_CONTEXTS = (256, 1024)
@@ -229,6 +229,9 @@ def bench_parser():
                     "(default q8_0,q4_0; '' for none)")
     ap.add_argument("--lorc-cache-types", default="q8_0", help="quantized latent caches to run each LoRC "
                     "model with (default q8_0; '' for none)")
+    ap.add_argument("--lorc-top-k", metavar="K,...",
+                    help="run every LoRC model once per value with selective reconstruction of K keys per "
+                         "decoded token (LLAMA_LORC_TOP_K; 0 = all keys), e.g. 0,1024,512")
     ap.add_argument("--flash-attn", default="auto", choices=FLASH_ATTN_CHOICES,
                     help="flash attention for every config (default auto = on; quantized V caches need it)")
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"prefill batch (default {DEFAULT_BATCH})")
@@ -277,6 +280,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         if args.quick and args.cache_types == ap.get_default("cache_types"):
             cache_types = ["q8_0"]
         configs = build_configs(original, lorc, cache_types, _csv(args.lorc_cache_types, str, "--lorc-cache-types"), fa)
+        configs = expand_top_k(configs, parse_top_k(args.lorc_top_k))
         contexts = _csv(args.ctx, int, "--ctx") or default_contexts(n_ctx_train(original.path), args.quick)
         repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
         n_decode = args.decode_tokens or (8 if args.quick else DEFAULT_DECODE_TOKENS)

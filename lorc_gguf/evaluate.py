@@ -35,7 +35,7 @@ import numpy as np
 
 from . import constants
 from .errors import LorcError
-from .session import CACHE_TYPES, Session, SessionParams, silence_llama_logs
+from .session import CACHE_TYPES, TOP_K_ENV, Session, SessionParams, silence_llama_logs, top_k_override
 from .text import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
 
 # llama.cpp serializes pos, n_seq_id and one seq_id (int32 each) per cell next to the K/V rows:
@@ -139,6 +139,7 @@ class ModelConfig:
     cache_type_v: str = "f16"
     flash_attn: bool | None = None
     label: str = ""
+    lorc_top_k: int | None = None  # LLAMA_LORC_TOP_K for a LoRC model (None: the environment's)
 
     @property
     def fa(self) -> bool:
@@ -156,7 +157,24 @@ class ModelConfig:
 
     def describe(self) -> dict[str, Any]:
         return {"label": self.label, "path": str(self.path), "cache_type_k": self.cache_type_k,
-                "cache_type_v": self.cache_type_v, "flash_attn": self.fa}
+                "cache_type_v": self.cache_type_v, "flash_attn": self.fa,
+                "lorc_top_k": self.lorc_top_k if self.lorc_top_k is not None else _env_top_k()}
+
+
+def _env_top_k() -> int:
+    try:
+        return int(os.environ.get(TOP_K_ENV) or 0)
+    except ValueError:
+        return 0
+
+
+def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:
+    """``config`` with selective reconstruction of ``top_k`` keys per decoded token (0 = all),
+    labelled so."""
+    if top_k < 0:
+        raise LorcError(f"--lorc-top-k values must be >= 0, got {top_k}")
+    label = config.label if top_k == 0 else f"{config.label} [top-{top_k}]"
+    return ModelConfig(config.path, config.cache_type_k, config.cache_type_v, config.flash_attn, label, top_k)
 
 
 def parse_flash_attn(value: str) -> bool | None:
@@ -209,7 +227,8 @@ def open_session(config: ModelConfig, n_ctx: int, n_batch: int, threads: int, n_
         except runtime.RuntimeNotPatched as e:
             raise LorcError(str(e)) from e
     try:
-        return Session(config.path, config.params(n_ctx, n_batch, threads, n_seq_max))
+        with top_k_override(config.lorc_top_k):
+            return Session(config.path, config.params(n_ctx, n_batch, threads, n_seq_max))
     except RuntimeError as e:
         raise LorcError(f"{config.label}: {e}") from e
 
@@ -310,17 +329,35 @@ def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> tuple[float, fl
     return raw, raw - CELL_METADATA_BYTES
 
 
+def decode_chunk(session: Session, chunk: Sequence[int], first: int, decode_tail: int = 0) -> np.ndarray:
+    """Logits at positions ``first..len(chunk)-1`` of a chunk decoded from position 0. The last
+    ``decode_tail`` tokens are decoded one per llama_decode call, as generation runs them (the
+    LoRC runtime's selective reconstruction, LLAMA_LORC_TOP_K, acts only on such calls)."""
+    n = len(chunk)
+    split = n - decode_tail if decode_tail > 0 else n
+    rows = [decode_tokens(session, chunk[:split], 0, outputs_from=first)]
+    for j in range(split, n):
+        logits = decode_tokens(session, chunk[j:j + 1], j, outputs_from=0)
+        if j >= first:
+            rows.append(logits)
+    return np.concatenate(rows)
+
+
 def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, n_chunks: int = DEFAULT_CHUNKS,
-             threads: int | None = None, n_batch: int | None = None,
+             threads: int | None = None, n_batch: int | None = None, decode_tail: int = 0,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Perplexity of every config on ``text``; KL, top-1 agreement and KV ratio against the first."""
+    """Perplexity of every config on ``text``; KL, top-1 agreement and KV ratio against the first.
+    With ``decode_tail`` N, the last N tokens of each chunk are decoded one at a time and only they
+    are scored (instead of the second half)."""
     if not configs:
         raise LorcError("give at least one model")
     if n_chunks < 1:
         raise LorcError(f"--chunks must be at least 1, got {n_chunks}")
+    if not 0 <= decode_tail < ctx - 1:
+        raise LorcError(f"--decode-tail must be between 0 and --ctx - 2 ({ctx - 2}), got {decode_tail}")
     threads = threads or default_threads()
     n_batch = min(n_batch or ctx, ctx)
-    first = ctx // 2
+    first = ctx - decode_tail if decode_tail else ctx // 2
     base_tokens: list[int] | None = None
     base_lp: list[np.ndarray] = []
     base_kv: float | None = None
@@ -335,7 +372,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
             scores = _Scores()
             for c, chunk in enumerate(chunks):
                 s.clear()
-                logits = decode_tokens(s, chunk, 0, outputs_from=first)[:-1]  # rows j = first..ctx-2
+                logits = decode_chunk(s, chunk, first, decode_tail)[:-1]  # rows j = first..ctx-2
                 lp = log_softmax(logits)
                 targets = np.asarray(chunk[first + 1:])
                 scores.nll.append(-lp[np.arange(len(targets)), targets])
@@ -381,7 +418,9 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
         "tool": "eval",
         "text": {"chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()},
         "ctx": ctx, "chunks_requested": n_chunks, "n_batch": n_batch, "threads": threads,
-        "scored": f"second half of each chunk: tokens {first + 1}..{ctx - 1}",
+        "scored": (f"last {decode_tail} tokens of each chunk, decoded one at a time: tokens {first + 1}..{ctx - 1}"
+                   if decode_tail else f"second half of each chunk: tokens {first + 1}..{ctx - 1}"),
+        "decode_tail": decode_tail,
         "baseline": results[0]["label"],
         "models": results,
         "machine": machine_info(threads),
@@ -662,6 +701,13 @@ def eval_parser():
     ap.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"tokens per chunk (default {DEFAULT_CTX})")
     ap.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help=f"chunks to score (default {DEFAULT_CHUNKS})")
     ap.add_argument("--batch", type=int, help="tokens per llama_decode call (default: --ctx)")
+    ap.add_argument("--lorc-top-k", metavar="K,...",
+                    help="also run every LoRC model with selective reconstruction of K keys per decoded "
+                         "token (LLAMA_LORC_TOP_K; 0 = all keys), e.g. 0,1024,512; it acts on single-token "
+                         "decoding only, so combine it with --decode-tail")
+    ap.add_argument("--decode-tail", type=int, default=0, metavar="N",
+                    help="decode the last N tokens of each chunk one at a time, as generation does, and "
+                         "score only them (default 0: prefill whole chunks, score the second half)")
     ap.add_argument("--cache-type-k", default="f16", help="K cache type for models without @ (default f16)")
     ap.add_argument("--cache-type-v", default="f16", help="V cache type for models without @ (default f16; "
                     "a quantized V cache needs flash attention)")
@@ -673,6 +719,43 @@ def eval_parser():
     ap.add_argument("--plot", metavar="PNG", help="write a perplexity vs KV bytes per token plot")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     return ap
+
+
+def parse_top_k(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    try:
+        values = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise LorcError(f"--lorc-top-k takes comma-separated integers, got '{spec}'") from None
+    for v in values:
+        if v < 0:
+            raise LorcError(f"--lorc-top-k values must be >= 0, got {v}")
+    return values
+
+
+def has_latent_keys(path: str | os.PathLike[str]) -> bool:
+    """Whether a GGUF caches latent keys in some layer (a rank equal to the width is a dense layer)."""
+    info = gguf_info(path)
+    return bool(info["lorc_version"] and info["key_rank"]
+                and any(0 < r < (info["key_width"] or 0) for r in info["key_rank"]))
+
+
+def expand_top_k(configs: Sequence[ModelConfig], top_ks: Sequence[int]) -> list[ModelConfig]:
+    """Each config with latent keys once per top-k value (in place of itself); the others (the
+    original, a --values-only file: nothing to select) unchanged."""
+    if not top_ks:
+        return list(configs)
+    out = []
+    for c in configs:
+        if has_latent_keys(c.path):
+            out += [with_top_k(c, k) for k in top_ks]
+        else:
+            out.append(c)
+    labels = [c.label for c in out]
+    if len(set(labels)) != len(labels):
+        raise LorcError(f"two configurations share a label: {labels}")
+    return out
 
 
 def _labels(spec: str | None, n: int) -> list[str | None]:
@@ -717,9 +800,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         labels = _labels(args.labels, len(args.models))
         configs = [parse_model_spec(m, args.cache_type_k, args.cache_type_v, fa, lab)
                    for m, lab in zip(args.models, labels)]
+        configs = expand_top_k(configs, parse_top_k(args.lorc_top_k))
         text, source = read_text(args.text)
         report = evaluate(configs, text, ctx=args.ctx, n_chunks=args.chunks, threads=args.threads,
-                          n_batch=args.batch, log=None if args.quiet else _stderr)
+                          n_batch=args.batch, decode_tail=args.decode_tail,
+                          log=None if args.quiet else _stderr)
         report["text"]["source"] = source
         return report
 

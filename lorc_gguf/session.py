@@ -36,16 +36,15 @@ CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "
 
 
 HYBRID_ENV = ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW")
+TOP_K_ENV = "LLAMA_LORC_TOP_K"
 
 
 @contextmanager
-def hybrid_override(sink_tokens: int | None = None, recent_window: int | None = None):
-    """Contexts created inside use these hybrid-cache sizes instead of the file's defaults (the
-    runtime's documented environment overrides; None leaves one as it is). (0, 0) gives the plain
-    latent cache of a hybrid file."""
-    saved = {k: os.environ.get(k) for k in HYBRID_ENV}
+def _env_override(values: dict[str, int | None]):
+    # the runtime reads these when a model is loaded; None leaves a variable as it is
+    saved = {k: os.environ.get(k) for k in values}
     try:
-        for key, value in zip(HYBRID_ENV, (sink_tokens, recent_window)):
+        for key, value in values.items():
             if value is not None:
                 os.environ[key] = str(int(value))
         yield
@@ -55,6 +54,19 @@ def hybrid_override(sink_tokens: int | None = None, recent_window: int | None = 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def hybrid_override(sink_tokens: int | None = None, recent_window: int | None = None):
+    """Models loaded inside use these hybrid-cache sizes instead of the file's defaults (the
+    runtime's documented environment overrides; None leaves one as it is). (0, 0) gives the plain
+    latent cache of a hybrid file."""
+    return _env_override(dict(zip(HYBRID_ENV, (sink_tokens, recent_window))))
+
+
+def top_k_override(top_k: int | None):
+    """Models loaded inside rebuild only the ``top_k`` best-scoring latent keys per decoded token
+    (LLAMA_LORC_TOP_K; 0 = every key, None leaves the variable as it is)."""
+    return _env_override({TOP_K_ENV: top_k})
 
 
 @dataclass(frozen=True)

@@ -235,3 +235,62 @@ def test_plot_quality_table(tmp_path):
     src.write_text(json.dumps({**data, "tool": "eval"}))
     assert plot_main(["quality", str(src), str(tmp_path / "other.png")]) == 2
     assert not (tmp_path / "other.png").exists()
+
+
+def test_decode_tail_scores_single_token_steps(pair):
+    """--decode-tail N: the last N tokens of each chunk are decoded one per llama_decode call and
+    only they are scored; for an ordinary model that is the same NLL as batched prefill."""
+    original, _ = pair
+    config = ev.make_config(original, flash_attn=False)
+    tail = ev.evaluate([config], ev.eval_text(), ctx=CTX, n_chunks=CHUNKS, threads=1, decode_tail=8)
+    m = tail["models"][0]
+    assert m["n_scored"] == CHUNKS * (8 - 1) and tail["decode_tail"] == 8
+    nll = []
+    with Session(original, SessionParams(n_ctx=CTX, n_threads=1)) as s:
+        tokens = s.tokenize(ev.eval_text(), add_bos=False)
+        bos = s.lib.llama_vocab_bos(s.vocab)
+        for c in range(CHUNKS):
+            chunk = [bos] + tokens[c * CTX + 1:(c + 1) * CTX]
+            s.clear()
+            logits = s.decode_seq(chunk).astype(np.float64)
+            for j in range(CTX - 8, CTX - 1):
+                row = logits[j] - logits[j].max()
+                nll.append(np.log(np.exp(row).sum()) - row[chunk[j + 1]])
+    # f16 weights: one-token and batched matmuls round differently (measured ~1e-5 relative)
+    assert m["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-3)
+
+
+def test_lorc_top_k_runs_each_lorc_model_per_value(pair, tmp_path):
+    original, lorc = pair
+    out = tmp_path / "eval.json"
+    rc = ev.eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "--decode-tail", "16",
+                       "--lorc-top-k", "0,4", "--json", str(out), "-q", *THREADS])
+    assert rc == 0
+    models = json.loads(out.read_text())["models"]
+    assert [m["label"] for m in models] == ["original", "lorc", "lorc [top-4]"]
+    assert [m["lorc_top_k"] for m in models] == [0, 0, 4]
+    # 4 of the ~60 visible cells: the selection must change what the decoded tokens see
+    assert models[2]["ppl"] != pytest.approx(models[1]["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lorc-top-k", "-1"], ">= 0"),
+    (["--lorc-top-k", "x"], "comma-separated integers"),
+    (["--decode-tail", str(CTX - 1)], "--decode-tail must be between"),
+])
+def test_bad_top_k_or_decode_tail_is_one_line_and_exit_2(pair, argv, message, capsys):
+    original, lorc = pair
+    rc = ev.eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "-q", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_lorc_top_k_labels(pair, tmp_path):
+    original, lorc = pair
+    out = tmp_path / "bench.json"
+    rc = bench_main([str(original), str(lorc), "--ctx", "64", "--repeats", "1", "--decode-tokens", "2",
+                     "--cache-types", "", "--lorc-cache-types", "", "--lorc-top-k", "0,8", "--json", str(out),
+                     "-q", *THREADS])
+    assert rc == 0
+    configs = json.loads(out.read_text())["configs"]
+    assert [(c["label"], c["lorc_top_k"]) for c in configs] == [("original", 0), ("lorc", 0), ("lorc [top-8]", 8)]

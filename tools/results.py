@@ -14,7 +14,10 @@ Steps (each a command of its own, printed as it runs):
     and the rank plot of the first -> results/ranks.png
  4. tools/bench.py          -> results/bench.json, results/speed.png (original and both files, flash
     attention off for all: see the comment at the call), and again with the plain latent cache
-    (LLAMA_LORC_SINK_TOKENS=LLAMA_LORC_RECENT_WINDOW=0) -> results/bench-plain.json
+    (LLAMA_LORC_SINK_TOKENS=LLAMA_LORC_RECENT_WINDOW=0) -> results/bench-plain.json; the file
+    with latent keys runs once per selective-reconstruction setting (--lorc-top-k)
+ 5. tools/eval.py at ctx 4096 x 4, last 256 tokens decoded one by one, per --lorc-top-k setting
+    -> results/topk.json, results/topk.md
 
 The backend is the installed runtime's: on a GPU machine build it with
 `tools/build_runtime.py --cuda` first; bench.json records the machine and backend.
@@ -32,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorc_gguf.models import smollm2_path  # noqa: E402
+
+TOP_K = "0,1024,512,256"  # LLAMA_LORC_TOP_K values measured (0 = every key rebuilt)
 
 
 def run(cmd: list[str], stdout: Path | None = None) -> None:
@@ -76,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     # flash attention off for every configuration: llama.cpp's CPU flash-attention kernel with an
     # f16 cache is slow at long context on some CPUs, and hybrid layers never use it, so mixing
     # the two would measure the kernel rather than the cache (quantized caches need it: not here)
+    # selective reconstruction (LLAMA_LORC_TOP_K) runs as extra rows of the file with latent keys
     bench = [py, "tools/bench.py", model, main_file, fast_file, "--ctx", args.ctx, "--repeats", args.repeats,
-             "--decode-tokens", "16", "--flash-attn", "off", "--cache-types", "", "--lorc-cache-types", ""]
+             "--decode-tokens", "16", "--flash-attn", "off", "--cache-types", "", "--lorc-cache-types", "",
+             "--lorc-top-k", TOP_K]
     if args.threads:
         bench += ["--threads", args.threads]
     run([*bench, "--json", out / "bench.json", "--plot", out / "speed.png"], stdout=out / "bench.md")
@@ -85,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     # hybrid machinery costs in speed
     run(["env", "LLAMA_LORC_SINK_TOKENS=0", "LLAMA_LORC_RECENT_WINDOW=0", *bench, "--json", out / "bench-plain.json"],
         stdout=out / "bench-plain.md")
-    print(f"results in {out}: quality.md/json/png, bench.md/json, bench-plain.md/json, speed.png, ranks.png", file=sys.stderr)
+    # what selective reconstruction costs in quality: it acts on single-token decoding only, so the
+    # last 256 tokens of each 4K chunk are decoded one at a time and only they are scored
+    run([py, "tools/eval.py", model, main_file, "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
+         "--flash-attn", "off", "--lorc-top-k", TOP_K, "--quiet", "--json", out / "topk.json"], stdout=out / "topk.md")
+    print(f"results in {out}: quality.md/json/png, bench.md/json, bench-plain.md/json, topk.md/json, speed.png, "
+          "ranks.png", file=sys.stderr)
     return 0
 
 

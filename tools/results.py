@@ -14,8 +14,8 @@ Steps (each a command of its own, printed as it runs):
     and the rank plot of the first -> results/ranks.png
  4. tools/bench.py          -> results/bench.json, results/speed.png (original and both files, flash
     attention off for all: see the comment at the call), and again with the plain latent cache
-    (LLAMA_LORC_SINK_TOKENS=LLAMA_LORC_RECENT_WINDOW=0) -> results/bench-plain.json; the file
-    with latent keys runs once per selective-reconstruction setting (--lorc-top-k)
+    (LLAMA_LORC_SINK_TOKENS=LLAMA_LORC_RECENT_WINDOW=0) -> results/bench-plain.json; in the first,
+    the file with latent keys runs once per selective-reconstruction setting (--lorc-top-k)
  5. tools/eval.py at ctx 4096 x 4, last 256 tokens decoded one by one, per --lorc-top-k setting
     -> results/topk.json, results/topk.md
 
@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     # flash attention off for every configuration: llama.cpp's CPU flash-attention kernel with an
     # f16 cache is slow at long context on some CPUs, and hybrid layers never use it, so mixing
     # the two would measure the kernel rather than the cache (quantized caches need it: not here)
-    # selective reconstruction (LLAMA_LORC_TOP_K) runs as extra rows of the file with latent keys
     bench = [py, "tools/bench.py", model, main_file, fast_file, "--ctx", args.ctx, "--repeats", args.repeats,
-             "--decode-tokens", "16", "--flash-attn", "off", "--cache-types", "", "--lorc-cache-types", "",
-             "--lorc-top-k", TOP_K]
+             "--decode-tokens", "16", "--flash-attn", "off", "--cache-types", "", "--lorc-cache-types", ""]
     if args.threads:
         bench += ["--threads", args.threads]
-    run([*bench, "--json", out / "bench.json", "--plot", out / "speed.png"], stdout=out / "bench.md")
+    # selective reconstruction (LLAMA_LORC_TOP_K) runs as extra rows of the file with latent keys
+    run([*bench, "--lorc-top-k", TOP_K, "--json", out / "bench.json", "--plot", out / "speed.png"],
+        stdout=out / "bench.md")
     # the same files with the plain latent cache (the runtime's documented override): what the
     # hybrid machinery costs in speed
     run(["env", "LLAMA_LORC_SINK_TOKENS=0", "LLAMA_LORC_RECENT_WINDOW=0", *bench, "--json", out / "bench-plain.json"],

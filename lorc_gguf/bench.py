@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorcError
-from .evaluate import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, ModelConfig, _table, bos_token, decode_tokens,
-                       default_threads, eval_text, expand_top_k, gguf_info, lorc_ranks, machine_info, make_config,
-                       measure_kv_bytes, open_session, parse_flash_attn, parse_top_k, resolve_model_path, versions)
+from .evaluate import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, ModelConfig, _table, bos_token, check_unique_labels,
+                       decode_tokens, default_threads, eval_text, expand_top_k, gguf_info, lorc_ranks, machine_info,
+                       make_config, measure_kv_bytes, open_session, parse_flash_attn, parse_top_k,
+                       resolve_model_path, versions)
 
 DEFAULT_CONTEXTS = (512, 2048, 4096, 8192)
 QUICK_CONTEXTS = (256, 1024)
@@ -75,9 +76,7 @@ def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequ
     configs += [make_config(original.path, t, t, flash_attn, f"{original.label} [{t}]") for t in cache_types]
     configs += [make_config(c.path, t, t, flash_attn, f"{c.label} [{t}]") for c in lorc_configs
                 for t in lorc_cache_types]
-    labels = [c.label for c in configs]
-    if len(set(labels)) != len(labels):
-        raise LorcError(f"two configurations share a label: {labels}")
+    check_unique_labels(configs)
     return configs
 
 

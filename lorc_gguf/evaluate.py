@@ -27,7 +27,7 @@ import platform
 import time
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +171,14 @@ def _env_top_k() -> int:
 def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:
     """``config`` with selective reconstruction of ``top_k`` keys per decoded token (0 = all),
     labelled so."""
-    if top_k < 0:
-        raise LorcError(f"--lorc-top-k values must be >= 0, got {top_k}")
     label = config.label if top_k == 0 else f"{config.label} [top-{top_k}]"
-    return ModelConfig(config.path, config.cache_type_k, config.cache_type_v, config.flash_attn, label, top_k)
+    return replace(config, label=label, lorc_top_k=top_k)
+
+
+def check_unique_labels(configs: Sequence[ModelConfig]) -> None:
+    labels = [c.label for c in configs]
+    if len(set(labels)) != len(labels):
+        raise LorcError(f"two configurations share a label: {labels}")
 
 
 def parse_flash_attn(value: str) -> bool | None:
@@ -752,9 +756,7 @@ def expand_top_k(configs: Sequence[ModelConfig], top_ks: Sequence[int]) -> list[
             out += [with_top_k(c, k) for k in top_ks]
         else:
             out.append(c)
-    labels = [c.label for c in out]
-    if len(set(labels)) != len(labels):
-        raise LorcError(f"two configurations share a label: {labels}")
+    check_unique_labels(out)
     return out
 
 

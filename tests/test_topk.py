@@ -5,8 +5,6 @@ it must change them; prompt processing must not be affected at all."""
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 
 import synth
 from lorc_gguf import convert
-from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs
+from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs, top_k_override
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()
@@ -37,22 +35,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"plain": plain, "hybrid": hybrid}
 
 
-@contextmanager
-def top_k(k: int | None):
-    saved = os.environ.get("LLAMA_LORC_TOP_K")
-    try:
-        if k is None:
-            os.environ.pop("LLAMA_LORC_TOP_K", None)
-        else:
-            os.environ["LLAMA_LORC_TOP_K"] = str(k)
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("LLAMA_LORC_TOP_K", None)
-        else:
-            os.environ["LLAMA_LORC_TOP_K"] = saved
-
-
 def prompt(seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(100, synth.VOCAB_SIZE - 100, PREFILL + STEPS)]
@@ -60,7 +42,7 @@ def prompt(seed: int = 0) -> list[int]:
 
 def decode_steps(path: Path, k: int | None, tokens: list[int], cache: str = "f32") -> tuple[np.ndarray, np.ndarray]:
     """(prefill logits, one logits row per single-token decode step)"""
-    with top_k(k), Session(path, SessionParams(n_ctx=512, cache_type_k=cache, cache_type_v="f32")) as s:
+    with top_k_override(k or 0), Session(path, SessionParams(n_ctx=512, cache_type_k=cache, cache_type_v="f32")) as s:
         prefill = s.decode_seq(tokens[:PREFILL])
         steps = np.stack([s.decode_seq([t], pos0=PREFILL + i)[0] for i, t in enumerate(tokens[PREFILL:])])
     return prefill, steps
@@ -89,7 +71,7 @@ def test_a_small_selection_changes_decoding_but_not_prompt_processing(models, na
 
 
 def test_invalid_top_k_is_refused(models):
-    with top_k(-3), pytest.raises(RuntimeError, match="could not load"):
+    with top_k_override(-3), pytest.raises(RuntimeError, match="could not load"):
         Session(models["plain"], SessionParams(n_ctx=64))
 
 

@@ -2,8 +2,8 @@
 
 One class per architecture, registered by its GGUF ``general.architecture`` name (the pattern of
 ``convert_hf_to_gguf.py``). The rest of the pipeline asks the class and never branches on the
-name, so supporting e.g. qwen2 (K/V biases, kept unchanged) or gemma3 is one more class here plus
-the runtime's graph opting in (``constants.SUPPORTED_ARCHITECTURES``).
+name, so supporting e.g. qwen2 (K/V biases, kept unchanged) or gemma3 (QK-norm) is one more class here
+plus the runtime's graph opting in (``constants.SUPPORTED_ARCHITECTURES``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class ModelShape:
     head_dim_v: int
     # RoPE pairs: adjacent rows (2i, 2i+1), llama.cpp's NORM mode, or halves (i, i + n_rot/2), NEOX
     rope_neox: bool = False
+    # sliding-window attention (llama.cpp's iswa cache): the window in tokens, 0 when every layer is global
+    sliding_window: int = 0
 
     def width(self, side: Side, layer: int) -> int:
         """Cache width of one layer's K or V (ggml's ``n_embd_k_gqa(il)`` / ``n_embd_v_gqa(il)``)."""
@@ -62,6 +64,9 @@ class Architecture:
 
     name: ClassVar[str]
     rope_neox: ClassVar[bool] = False  # llama.cpp's rope type for the architecture (llama_model_rope_type)
+    # whether calibrate.LlamaForward computes this architecture's forward (activation statistics);
+    # the others take activation-aware factors from a llama.cpp imatrix (--imatrix)
+    calibration_forward: ClassVar[bool] = True
 
     def shape(self, meta: Metadata) -> ModelShape:
         n_layer = self._required(meta, gguf.Keys.LLM.BLOCK_COUNT)
@@ -76,9 +81,11 @@ class Architecture:
         default_head_dim = n_embd // n_head[0]
         head_dim_k = meta.get(gguf.Keys.Attention.KEY_LENGTH.format(arch=self.name)) or default_head_dim
         head_dim_v = meta.get(gguf.Keys.Attention.VALUE_LENGTH.format(arch=self.name)) or default_head_dim
+        sliding_window = meta.get(gguf.Keys.Attention.SLIDING_WINDOW.format(arch=self.name)) or 0
         return ModelShape(architecture=self.name, n_layer=int(n_layer), n_embd=int(n_embd),
                           n_head=int(n_head[0]), n_head_kv=tuple(int(h) for h in n_head_kv),
-                          head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v), rope_neox=self.rope_neox)
+                          head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v), rope_neox=self.rope_neox,
+                          sliding_window=int(sliding_window))
 
     def weight_name(self, side: Side, layer: int) -> str:
         """The dense projection that LoRC factorizes, as stored in the GGUF (n_embd -> width)."""
@@ -134,6 +141,19 @@ class Qwen2(Architecture):
 
     name = "qwen2"
     rope_neox = True
+
+
+@register
+class Gemma3(Architecture):
+    """gemma3 (Gemma 3 text models): an RMS norm on every key head before RoPE, which the runtime
+    applies to the rebuilt keys (up-projection, norm, then RoPE, as the dense graph orders them);
+    five sliding-window layers to one global layer, each kind keeping its latent rows in its own
+    half of llama.cpp's iswa cache; NEOX RoPE. The numpy calibration forward does not implement its
+    norms and windows, so activation-aware factors come from a llama.cpp imatrix."""
+
+    name = "gemma3"
+    rope_neox = True
+    calibration_forward = False
 
 
 def registered() -> tuple[str, ...]:

@@ -144,6 +144,8 @@ class LlamaForward:
         self.shape = model.shape
         meta = model.meta
         arch = model.shape.architecture
+        if not model.architecture.calibration_forward:
+            raise LorcError(f"the numpy forward implements llama and qwen2, not {arch}")
         self.eps = float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5)
         self.rope_base = float(meta.get(f"{arch}.rope.freq_base") or 10000.0)
         self.n_rot = int(meta.get(f"{arch}.rope.dimension_count") or self.shape.head_dim_k)

@@ -38,7 +38,7 @@ RANK_MULTIPLE = 32
 MIN_RANK = 32
 
 # the architectures whose graph in the patched runtime opts into the latent cache
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 
 def key_rank_key(arch: str) -> str:

@@ -358,6 +358,21 @@ def _add_aware_report(report: dict[str, Any], opts: ConvertOptions, stats: Calib
     report["totals"]["mean_out_error"] = sum(out) / len(out) if out else 0.0
 
 
+def _check_architecture(model: SourceModel, opts: ConvertOptions) -> None:
+    """Options the model's architecture cannot honour, refused before any work is done."""
+    shape = model.shape
+    if (opts.sink_tokens > 0 or opts.recent_window > 0) and shape.sliding_window > 0:
+        # the runtime builds the hybrid cache from llama.cpp's iswa pair of caches, which a
+        # sliding-window model already needs for its own local and global layers
+        raise LorcError(f"{shape.architecture} uses sliding-window attention (window {shape.sliding_window}): "
+                        "the hybrid cache (--sink-tokens/--recent-window) is not available for it; "
+                        "convert without them")
+    if opts.calibration is not None and not model.architecture.calibration_forward:
+        raise LorcError(f"--calibration runs a numpy forward that implements llama and qwen2, not "
+                        f"{shape.architecture}; give a llama.cpp importance matrix instead "
+                        "(llama-imatrix -m MODEL -f TEXT -o imatrix.gguf, then --imatrix imatrix.gguf)")
+
+
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, log: Log | None = None,
             **options: Any) -> dict[str, Any]:
     """Convert MODEL (GGUF file or HF safetensors folder) into a LoRC GGUF at ``dst``.
@@ -394,6 +409,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         else:
             gguf_path, source_format = src_path, "gguf"
         model = open_gguf(gguf_path)
+        _check_architecture(model, opts)
         quantized = model.quantized_weight_types()
         if quantized:
             notice(f"K/V weights are quantized ({', '.join(quantized)}): factors are computed from "

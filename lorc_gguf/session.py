@@ -79,6 +79,9 @@ class SessionParams:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     kv_unified: bool = False
+    # sliding-window models: False sizes their local layers' cache to the window (llama.cpp's
+    # default is the full context)
+    swa_full: bool = True
     n_threads: int = max(1, os.cpu_count() or 1)
 
 
@@ -99,6 +102,7 @@ class Session:
         cparams.n_ubatch = params.n_ubatch
         cparams.n_seq_max = params.n_seq_max
         cparams.kv_unified = params.kv_unified
+        cparams.swa_full = params.swa_full
         cparams.n_threads = params.n_threads
         cparams.n_threads_batch = params.n_threads
         cparams.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn

@@ -205,6 +205,42 @@ def make_hf_llama_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd:
     return path
 
 
+def make_hf_gemma3_folder(path: str | os.PathLike[str], n_layer: int = 6, n_embd: int = 128, n_head: int = 4,
+                          n_head_kv: int = 2, head_dim: int = 64, n_ff: int = 256, sliding_window: int | None = 16,
+                          seed: int = 0) -> Path:
+    """A random Gemma3ForCausalLM (text only, safetensors) with SmolLM2's tokenizer: QK-norm, GELU
+    FFN, four norms per layer. With ``sliding_window`` every sixth layer is global and the others
+    attend a window (the pattern the pinned converter and llama.cpp assume); None makes every layer
+    global (``sliding_window_pattern`` 1, no window written). The norm gains are drawn at random:
+    transformers initialises them to zero (a gain of one), which would hide a key norm the latent
+    path drops or applies before the up-projection."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    swa = sliding_window is not None
+    layer_types = [("full_attention" if not swa or (il + 1) % 6 == 0 else "sliding_attention") for il in range(n_layer)]
+    config = Gemma3TextConfig(vocab_size=VOCAB_SIZE, hidden_size=n_embd, intermediate_size=n_ff,
+                              num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head_kv,
+                              head_dim=head_dim, max_position_embeddings=CONTEXT_LENGTH, rms_norm_eps=RMS_EPS,
+                              sliding_window=sliding_window or CONTEXT_LENGTH, layer_types=layer_types,
+                              query_pre_attn_scalar=head_dim, final_logit_softcapping=None,
+                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    _save_with_smollm2_tokenizer(model, path)
+    config_path = path / "config.json"
+    cfg = json.loads(config_path.read_text())
+    if not swa:
+        cfg["sliding_window_pattern"] = 1  # what the pinned converter reads to leave the window out
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
 def make_hf_qwen2_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
                          n_head_kv: int = 2, n_ff: int = 256, seed: int = 0) -> Path:
     """A random Qwen2ForCausalLM (safetensors) with SmolLM2's tokenizer, saved to ``path``: Q/K/V

@@ -27,8 +27,8 @@ def lorc_gguf_file(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def unsupported_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("gemma3") / "gemma3.gguf"
-    writer = gguf.GGUFWriter(path, "gemma3")
+    path = tmp_path_factory.mktemp("phi3") / "phi3.gguf"
+    writer = gguf.GGUFWriter(path, "phi3")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
     writer.write_header_to_file()
@@ -47,7 +47,7 @@ CASES: list[Case] = [
     ("folder-without-safetensors", lambda m, l, q, d: [str(_folder(d, {"config.json": "{}"})), str(d / "out.gguf")],
      "not a Hugging Face model"),
     ("unsupported-architecture", lambda m, l, q, d: [str(q), str(d / "out.gguf")],
-     "unsupported architecture 'gemma3' (supported: llama, qwen2)"),
+     "unsupported architecture 'phi3' (supported: llama, qwen2, gemma3)"),
     ("already-lorc", lambda m, l, q, d: [str(l), str(d / "out.gguf")], "already LoRC-converted"),
     ("ratio-zero", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ratio", "0"], "ratio must be in (0, 1]"),
     ("ratio-above-one", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--ratio", "1.5"], "ratio must be in (0, 1]"),

@@ -1,0 +1,201 @@
+"""gemma3 end to end: random Gemma3ForCausalLM models (QK-norm with random gains, GELU FFN, NEOX
+RoPE with a separate base for local layers) saved by transformers, turned into GGUFs by the pinned
+llama.cpp's own converter, factorized by LoRC and run by the patched runtime.
+
+Two variants: the real architecture's five sliding-window layers to one global layer (the iswa
+cache: each kind of layer keeps its latent rows in its own half), and every layer global (the plain
+KV cache, where the hybrid cache is available). The latent path must compute what its
+dense-equivalent computes: the key norm applied to the rebuilt keys before RoPE, each cell roped
+with its position in whichever cache holds it. No real Gemma 3 weights are available offline, so
+quality is not measured here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+
+import synth
+from lorc_gguf import LorcError, convert
+from lorc_gguf.dense import write_dense_equivalent
+from lorc_gguf.evaluate import mean_kl
+from lorc_gguf.hf import convert_folder
+from lorc_gguf.load import FastGGUFReader
+from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs
+from lorc_gguf.write import CopiedTensor, copy_metadata, write_gguf
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("transformers")
+silence_llama_logs()
+
+N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM = 6, 128, 4, 2, 64
+D_KV = N_HEAD_KV * HEAD_DIM  # 128
+WINDOW_SWA = 16  # the local layers' attention window
+SINKS, WINDOW = 4, 16  # hybrid cache of the all-global variant
+F32 = {"cache_type_k": "f32", "cache_type_v": "f32"}
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(100, synth.VOCAB_SIZE - 100, n)]
+
+
+def params(**kw) -> SessionParams:
+    base = dict(n_ctx=256, n_batch=128, n_ubatch=128)
+    base.update(kw)
+    return SessionParams(**base)
+
+
+def logits_of(path: Path, tokens: list[int], **kw) -> np.ndarray:
+    with Session(path, params(**kw)) as s:
+        return s.decode_seq(tokens)
+
+
+# float32 caches on both sides: only accumulation order differs (rebuilt keys vs stored keys,
+# latent values lifted after attention vs before), but the f16 weights of the converted models
+# round the activations they multiply, so a last-bit difference upstream can flip a rounding:
+# measured up to 1e-3 of the logit range. A key norm dropped or misapplied, or the plain latent
+# path in place of exact cells, moves logits by 0.6 of the range (test_dropping_the_key_norm...).
+TOLERANCE = 5e-3
+
+
+def close(got: np.ndarray, ref: np.ndarray) -> None:
+    np.testing.assert_allclose(got, ref, atol=TOLERANCE * np.abs(ref).max())
+
+
+def far(got: np.ndarray, ref: np.ndarray) -> bool:
+    return bool(np.abs(got - ref).max() > 20 * TOLERANCE * np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("gemma3")
+    out: dict[str, Path] = {}
+    for variant, window in (("swa", WINDOW_SWA), ("global", None)):
+        folder = synth.make_hf_gemma3_folder(d / f"hf-{variant}", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD,
+                                             n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, n_ff=256,
+                                             sliding_window=window, seed=7)
+        original = convert_folder(folder, d / f"original-{variant}.gguf")
+        lorc = d / f"lorc-{variant}.gguf"
+        hybrid = {} if window else {"sink_tokens": SINKS, "recent_window": WINDOW}
+        convert(original, lorc, allocation="uniform", ratio=0.5, outtype="f32", progress=False, **hybrid)
+        out[f"original-{variant}"] = original
+        out[f"lorc-{variant}"] = lorc
+        out[f"dense-{variant}"] = write_dense_equivalent(lorc, d / f"dense-{variant}.gguf")
+    return out
+
+
+def test_the_files_are_gemma3_with_every_layer_factorized(models) -> None:
+    for variant in ("swa", "global"):
+        r = FastGGUFReader(models[f"lorc-{variant}"])
+        assert r.fields["general.architecture"].contents() == "gemma3"
+        assert r.fields["gemma3.attention.lorc_key_rank"].contents() == [D_KV // 2] * N_LAYER
+        assert r.fields["gemma3.attention.lorc_value_rank"].contents() == [D_KV // 2] * N_LAYER
+        names = {t.name for t in r.tensors}
+        assert all(f"blk.{il}.attn_k_norm.weight" in names for il in range(N_LAYER))
+        has_window = "gemma3.attention.sliding_window" in r.fields
+        assert has_window == (variant == "swa")
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_latent_matches_dense_equivalent_with_sliding_windows(models, flash_attn: bool) -> None:
+    """96 tokens against a 16-token window: the local layers' masks cut most of the context, so a
+    latent row read from the wrong half of the iswa cache, or roped with the wrong cell position or
+    frequency base, shows."""
+    tokens = prompt(96, seed=2)
+    ref = logits_of(models["dense-swa"], tokens, flash_attn=flash_attn, **F32)
+    got = logits_of(models["lorc-swa"], tokens, flash_attn=flash_attn, **F32)
+    if not flash_attn:
+        # the CPU flash-attention kernel rounds through f16 internally whatever the cache type
+        # (measured: 0.15% of the logit range here), so with it only the KL rule below applies
+        close(got, ref)
+    # f16 caches (the default) round latent rows and dense rows differently; the dense model's
+    # own f16-vs-f32 divergence is the noise floor (same rule as tests/test_runtime.py)
+    floor = mean_kl(ref, logits_of(models["dense-swa"], tokens, flash_attn=flash_attn))
+    assert mean_kl(ref, logits_of(models["lorc-swa"], tokens, flash_attn=flash_attn)) <= 4 * floor + 1e-6
+
+
+def test_decoding_through_a_recycled_sliding_window_cache(models) -> None:
+    """Without swa_full the local layers' cache holds window + ubatch cells (padded to 256), so past
+    256 tokens its cells are reused as the window slides: every reused cell must take its new
+    position for RoPE, in the local layers' cache while the global layers' cache keeps growing."""
+    tokens = prompt(320, seed=3)
+    n_prompt = 280
+    got, ref = [], []
+    for name, out in (("lorc-swa", got), ("dense-swa", ref)):
+        with Session(models[name], params(n_ctx=512, n_batch=32, n_ubatch=32, swa_full=False, **F32)) as s:
+            assert s.lib.llama_model_n_swa(s.model) == WINDOW_SWA
+            out.append(s.decode_seq(tokens[:n_prompt]))
+            for i in range(n_prompt, len(tokens)):  # one token per llama_decode, as generation runs
+                out.append(s.decode([(tokens[i], i, 0)]))
+    close(np.concatenate(got), np.concatenate(ref))
+
+
+def test_dropping_the_key_norm_is_visible(models, tmp_path) -> None:
+    """The tolerance above is meaningful only if a misapplied key norm breaks it: the same latent
+    file with unit key-norm gains (the norm still normalizes, only its random gains go) must fail it."""
+    tokens = prompt(64, seed=4)
+    ref = logits_of(models["dense-swa"], tokens, **F32)
+    got = logits_of(_with_unit_key_norm(models["lorc-swa"], tmp_path / "unit-knorm.gguf"), tokens, **F32)
+    assert far(got, ref)
+
+
+def _with_unit_key_norm(src: Path, dst: Path) -> Path:
+    r = gguf.GGUFReader(src)
+    plan = []
+    for t in r.tensors:
+        if t.name.endswith("attn_k_norm.weight"):
+            ones = np.ones_like(np.asarray(t.data))
+            t = SimpleNamespace(name=t.name, data=ones, n_bytes=ones.nbytes, tensor_type=t.tensor_type)
+        plan.append(CopiedTensor(t))
+    write_gguf(dst, "gemma3", copy_metadata(r), plan, progress=False)
+    return dst
+
+
+def test_all_global_latent_matches_dense_equivalent(models) -> None:
+    tokens = prompt(96, seed=5)
+    with hybrid_override(0, 0):
+        got = logits_of(models["lorc-global"], tokens, **F32)
+    close(got, logits_of(models["dense-global"], tokens, **F32))
+
+
+def test_hybrid_cache_with_qk_norm(models) -> None:
+    """Hybrid cache, all-global variant: a query whose every cell lies in the recent window sees
+    exact keys only (the exact store's keys are normed and roped like the dense model's), so the
+    first WINDOW rows equal the original; later rows mix both stores and lie between the original
+    and the plain latent path."""
+    tokens = prompt(80, seed=6)
+    original = logits_of(models["original-global"], tokens, **F32)
+    hybrid = logits_of(models["lorc-global"], tokens, **F32)
+    with hybrid_override(0, 0):
+        plain = logits_of(models["lorc-global"], tokens, **F32)
+    close(hybrid[:WINDOW], original[:WINDOW])
+    assert far(plain[:WINDOW], original[:WINDOW])
+    late = slice(2 * WINDOW, None)
+    assert mean_kl(original[late], hybrid[late]) < mean_kl(original[late], plain[late])
+    with hybrid_override(0, 256):  # a window covering everything: the original model
+        close(logits_of(models["lorc-global"], tokens, **F32), original)
+
+
+@pytest.mark.parametrize("variant", ["swa", "global"])
+def test_kv_bytes_are_half(models, variant: str) -> None:
+    tokens = prompt(16, seed=8)  # within the local window: no cell of either cache is pruned
+    per_token = {}
+    for kind in ("original", "lorc"):
+        with hybrid_override(0, 0), Session(models[f"{kind}-{variant}"], params(n_ctx=128)) as s:
+            per_token[kind] = s.kv_bytes_per_token(tokens)
+    # minus llama.cpp's per-cell metadata (pos, n_seq_id, one seq_id: int32 each), per cache
+    meta = 12 * (2 if variant == "swa" else 1)
+    assert per_token["original"] - meta == N_LAYER * 2 * D_KV * 2  # f16 K and V rows
+    assert per_token["lorc"] - meta == pytest.approx(0.5 * (per_token["original"] - meta))
+
+
+def test_converter_refuses_what_the_runtime_cannot_do(models, tmp_path) -> None:
+    with pytest.raises(LorcError, match="sliding-window attention.*hybrid cache"):
+        convert(models["original-swa"], tmp_path / "x.gguf", ratio=0.5, progress=False, recent_window=64)
+    with pytest.raises(LorcError, match="--imatrix"):
+        convert(models["original-global"], tmp_path / "y.gguf", ratio=0.5, progress=False, calibration="builtin")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()

@@ -64,9 +64,6 @@ class Architecture:
 
     name: ClassVar[str]
     rope_neox: ClassVar[bool] = False  # llama.cpp's rope type for the architecture (llama_model_rope_type)
-    # whether calibrate.LlamaForward computes this architecture's forward (activation statistics);
-    # the others take activation-aware factors from a llama.cpp imatrix (--imatrix)
-    calibration_forward: ClassVar[bool] = True
 
     def shape(self, meta: Metadata) -> ModelShape:
         n_layer = self._required(meta, gguf.Keys.LLM.BLOCK_COUNT)
@@ -148,12 +145,10 @@ class Gemma3(Architecture):
     """gemma3 (Gemma 3 text models): an RMS norm on every key head before RoPE, which the runtime
     applies to the rebuilt keys (up-projection, norm, then RoPE, as the dense graph orders them);
     five sliding-window layers to one global layer, each kind keeping its latent rows in its own
-    half of llama.cpp's iswa cache; NEOX RoPE. The numpy calibration forward does not implement its
-    norms and windows, so activation-aware factors come from a llama.cpp imatrix."""
+    half of llama.cpp's iswa cache; NEOX RoPE (calibration: ``calibrate.Gemma3Forward``)."""
 
     name = "gemma3"
     rope_neox = True
-    calibration_forward = False
 
 
 def registered() -> tuple[str, ...]:

@@ -13,7 +13,7 @@ energy of the RoPE pairs of the queries that attend to each K row (rotation-aver
 per adjacent pair of rows).
 
 The statistics come from a numpy forward of the llama architecture straight from the GGUF
-(``LlamaForward``): one layer's weights are dequantized at a time and applied to the hidden states
+(``LlamaForward``; ``Gemma3Forward`` for gemma3, see ``numpy_forward``): one layer's weights are dequantized at a time and applied to the hidden states
 of all calibration tokens, which stay in memory (n_tokens x n_embd float32). RMSNorm, RoPE in
 llama.cpp's NORM mode (adjacent pairs; the HF converter permuted the Q/K rows for it), grouped-query
 causal attention and the SwiGLU FFN, as ``src/models/llama.cpp`` builds them. The same forward
@@ -124,6 +124,11 @@ class LayerWeights:
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
     bo: np.ndarray | None = None
+    # gemma3: per-head query/key norms and the norms after attention and after the FFN
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
 
 
 def rms_norm(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
@@ -144,8 +149,8 @@ class LlamaForward:
         self.shape = model.shape
         meta = model.meta
         arch = model.shape.architecture
-        if not model.architecture.calibration_forward:
-            raise LorcError(f"the numpy forward implements llama and qwen2, not {arch}")
+        if _FORWARDS.get(arch) is not type(self):
+            raise LorcError(f"{type(self).__name__} does not compute the {arch} architecture (use numpy_forward)")
         self.eps = float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5)
         self.rope_base = float(meta.get(f"{arch}.rope.freq_base") or 10000.0)
         self.n_rot = int(meta.get(f"{arch}.rope.dimension_count") or self.shape.head_dim_k)
@@ -214,28 +219,48 @@ class LlamaForward:
         out[..., second] = a * s + b * c
         return out
 
-    def attention(self, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def layer_rope_tables(self, il: int, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cos/sin tables layer ``il`` ropes with (one set for every layer here)."""
+        return self._rope_tables(n_ctx)
+
+    def queries(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+        """Queries before RoPE, (..., n_head, head_dim)."""
+        q = x @ w.wq.T
+        if w.bq is not None:
+            q = q + w.bq.reshape(-1)
+        return q.reshape(*x.shape[:-1], self.shape.n_head, self.shape.head_dim_k)
+
+    def keys(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+        """Keys before RoPE, (..., n_head_kv, head_dim)."""
+        k = x @ w.wk.T
+        if w.bk is not None:
+            k = k + w.bk.reshape(-1)
+        return k.reshape(*x.shape[:-1], k.shape[-1] // self.shape.head_dim_k, self.shape.head_dim_k)
+
+    def attention_scale(self) -> float:
+        return 1.0 / math.sqrt(self.shape.head_dim_k)
+
+    def attention_mask(self, il: int, n_ctx: int) -> np.ndarray:
+        return np.triu(np.full((n_ctx, n_ctx), -1e30, dtype=np.float32), 1)
+
+    def attention(self, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, il: int = 0) -> np.ndarray:
         """x (n_chunks, n_ctx, n_embd) normed input -> attention output (same shape)."""
         sh = self.shape
         B, T, _ = x.shape
-        hk, hv, nh = sh.head_dim_k, sh.head_dim_v, sh.n_head
-        q = x @ w.wq.T
-        k = x @ w.wk.T
+        hv, nh = sh.head_dim_v, sh.n_head
+        q = self.queries(w, x)
+        k = self.keys(w, x)
         v = x @ w.wv.T
-        if w.bq is not None:
-            q = q + w.bq.reshape(-1)
-        if w.bk is not None:
-            k = k + w.bk.reshape(-1)
         if w.bv is not None:
             v = v + w.bv.reshape(-1)
-        nkv = k.shape[-1] // hk
+        nkv = k.shape[-2]
         # contiguous operands: numpy's stacked matmul only uses BLAS for those
-        q = np.ascontiguousarray(self.rope(q.reshape(B, T, nh, hk), cos, sin).transpose(0, 2, 1, 3))  # (B,nh,T,hk)
-        k = np.ascontiguousarray(self.rope(k.reshape(B, T, nkv, hk), cos, sin).transpose(0, 2, 3, 1))  # (B,nkv,hk,T)
+        q = np.ascontiguousarray(self.rope(q, cos, sin).transpose(0, 2, 1, 3))  # (B,nh,T,hk)
+        k = np.ascontiguousarray(self.rope(k, cos, sin).transpose(0, 2, 3, 1))  # (B,nkv,hk,T)
         v = np.ascontiguousarray(v.reshape(B, T, nkv, hv).transpose(0, 2, 1, 3))  # (B, nkv, T, hv)
         group = nh // nkv
-        scale = 1.0 / math.sqrt(hk)
-        mask = np.triu(np.full((T, T), -1e30, dtype=np.float32), 1)
+        scale = self.attention_scale()
+        mask = self.attention_mask(il, T)
         out = np.empty((B, T, nh, hv), dtype=np.float32)
         for h in range(nh):
             g = h // group
@@ -253,23 +278,27 @@ class LlamaForward:
         u = x @ w.up.T
         return ((g / (1.0 + np.exp(-g))) * u) @ w.down.T
 
+    def block(self, il: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, cos: np.ndarray,
+              sin: np.ndarray) -> np.ndarray:
+        """One layer's residual stream update, given its input h and the attn_norm output x."""
+        h = h + self.attention(w, x, cos, sin, il)
+        return h + self.ffn(w, rms_norm(h, w.ffn_norm, self.eps))
+
     def run(self, chunks: np.ndarray, on_layer: Callable[[int, LayerWeights, np.ndarray, np.ndarray], None]
             | None = None, progress: Callable[[], None] | None = None, batch: int = 8) -> np.ndarray:
         """Hidden states after the last layer, (n_chunks, n_ctx, n_embd). ``on_layer(il, weights,
         x_normed, q_roped_energy_or_None)`` sees every layer's attn_norm output for all tokens."""
         B, T = chunks.shape
         h = self.embed(chunks)
-        cos, sin = self._rope_tables(T)
         for il in range(self.shape.n_layer):
             w = self.layer(il)
+            cos, sin = self.layer_rope_tables(il, T)
             for b0 in range(0, B, batch):
                 hb = h[b0:b0 + batch]
                 x = rms_norm(hb, w.attn_norm, self.eps)
                 if on_layer is not None:
                     on_layer(il, w, x, cos, sin)
-                hb = hb + self.attention(w, x, cos, sin)
-                hb = hb + self.ffn(w, rms_norm(hb, w.ffn_norm, self.eps))
-                h[b0:b0 + batch] = hb
+                h[b0:b0 + batch] = self.block(il, w, hb, x, cos, sin)
             if progress is not None:
                 progress()
         return h
@@ -278,9 +307,112 @@ class LlamaForward:
         t = self.model.tensors.get("output.weight") or self.model.tensors["token_embd.weight"]
         return _dequant(t)
 
-    def logits(self, h: np.ndarray) -> np.ndarray:
+    def logits(self, h: np.ndarray, out_w: np.ndarray | None = None) -> np.ndarray:
         norm = self._t("output_norm.weight").reshape(-1)
-        return rms_norm(h, norm, self.eps) @ self.output_weight().T
+        return rms_norm(h, norm, self.eps) @ (self.output_weight() if out_w is None else out_w).T
+
+
+class Gemma3Forward(LlamaForward):
+    """gemma3 as ``src/models/gemma3.cpp`` builds it: embeddings scaled by sqrt(n_embd); queries and
+    keys RMS-normed per head (``attn_q_norm``/``attn_k_norm``) before NEOX RoPE; sliding-window
+    layers (every layer but each sixth by default) attend the last ``sliding_window`` positions and
+    rope with their own base; RMS norms after attention and after the GELU FFN, both before the
+    residual add; the final logits optionally soft-capped. The converter stores Gemma's norm gains
+    with the +1 already added, so every norm here is a plain RMSNorm with gain."""
+
+    def __init__(self, model: SourceModel,
+                 weights_override: Callable[[int], dict[str, np.ndarray]] | None = None) -> None:
+        super().__init__(model, weights_override)
+        meta, sh = model.meta, model.shape
+        arch = sh.architecture
+        self.rope_base_swa = float(meta.get(f"{arch}.rope.freq_base_swa") or 10000.0)  # llama_hparams default
+        self.softcap = float(meta.get(f"{arch}.final_logit_softcapping") or 0.0)
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+        if sh.sliding_window <= 0:
+            self.is_swa = [False] * sh.n_layer
+        elif isinstance(pattern, (list, tuple)):
+            self.is_swa = [bool(p) for p in pattern]
+        else:
+            n = int(pattern if pattern is not None else 6)  # llama_model_gemma3: load_swa_pattern(ml, 6)
+            self.is_swa = [n == 0 or il % n < n - 1 for il in range(sh.n_layer)]
+        self._tables: dict[tuple[bool, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def layer(self, il: int) -> LayerWeights:
+        w = super().layer(il)
+        p = f"blk.{il}."
+        for field, name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm"),
+                            ("post_attn_norm", "post_attention_norm"), ("post_ffn_norm", "post_ffw_norm")):
+            t = self._t(p + name + ".weight")
+            if t is None:
+                raise LorcError(f"layer {il}: the gemma3 forward needs {p}{name}.weight")
+            setattr(w, field, t.reshape(-1))
+        return w
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return super().embed(tokens) * np.float32(math.sqrt(self.shape.n_embd))
+
+    def layer_rope_tables(self, il: int, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        swa = self.is_swa[il]
+        if (swa, n_ctx) not in self._tables:
+            base, scale = self.rope_base, self.rope_scale
+            if swa:  # llama.cpp: rope_freq_base_train_swa, and no scaling on local layers
+                self.rope_base, self.rope_scale = self.rope_base_swa, 1.0
+            try:
+                self._tables[(swa, n_ctx)] = self._rope_tables(n_ctx)
+            finally:
+                self.rope_base, self.rope_scale = base, scale
+        return self._tables[(swa, n_ctx)]
+
+    def queries(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+        return rms_norm(super().queries(w, x), w.q_norm, self.eps)
+
+    def keys(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+        return rms_norm(super().keys(w, x), w.k_norm, self.eps)
+
+    def attention_scale(self) -> float:
+        sh = self.shape
+        if sh.n_layer == 62:  # Gemma 3 27B scales by the model width per head, as llama.cpp does
+            return 1.0 / math.sqrt(sh.n_embd / sh.n_head)
+        return super().attention_scale()
+
+    def attention_mask(self, il: int, n_ctx: int) -> np.ndarray:
+        mask = super().attention_mask(il, n_ctx)
+        if self.is_swa[il]:
+            # LLAMA_SWA_TYPE_STANDARD: a query at p1 sees the cell at p0 while p1 - p0 < window
+            mask = mask + np.tril(np.full((n_ctx, n_ctx), -1e30, dtype=np.float32), -self.shape.sliding_window)
+        return mask
+
+    def ffn(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+        g = x @ w.gate.T
+        u = x @ w.up.T
+        # ggml_gelu: the tanh approximation
+        gelu = 0.5 * g * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (g + np.float32(0.044715) * g * g * g)))
+        return (gelu * u) @ w.down.T
+
+    def block(self, il: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, cos: np.ndarray,
+              sin: np.ndarray) -> np.ndarray:
+        h = h + rms_norm(self.attention(w, x, cos, sin, il), w.post_attn_norm, self.eps)
+        return h + rms_norm(self.ffn(w, rms_norm(h, w.ffn_norm, self.eps)), w.post_ffn_norm, self.eps)
+
+    def logits(self, h: np.ndarray, out_w: np.ndarray | None = None) -> np.ndarray:
+        z = super().logits(h, out_w)
+        if self.softcap:
+            z = np.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+# general.architecture -> the numpy forward that computes it
+_FORWARDS: dict[str, type[LlamaForward]] = {"llama": LlamaForward, "qwen2": LlamaForward, "gemma3": Gemma3Forward}
+
+
+def numpy_forward(model: SourceModel,
+                  weights_override: Callable[[int], dict[str, np.ndarray]] | None = None) -> LlamaForward:
+    """The numpy forward for the model's architecture."""
+    cls = _FORWARDS.get(model.shape.architecture)
+    if cls is None:
+        raise LorcError(f"no numpy forward for the {model.shape.architecture} architecture "
+                        f"(calibration supports {', '.join(sorted(_FORWARDS))})")
+    return cls(model, weights_override)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -298,11 +430,10 @@ def chunk_nll(logits: np.ndarray, tokens: np.ndarray, first: int) -> tuple[float
 def numpy_perplexity(fwd: LlamaForward, chunks: np.ndarray) -> float:
     h = fwd.run(chunks)
     out_w = fwd.output_weight()
-    norm = fwd._t("output_norm.weight").reshape(-1)
     nll, n = 0.0, 0
     T = chunks.shape[1]
     for b in range(chunks.shape[0]):
-        logits = rms_norm(h[b, T // 2:], norm, fwd.eps) @ out_w.T
+        logits = fwd.logits(h[b, T // 2:], out_w)
         lp = log_softmax(logits[:-1].astype(np.float64))
         target = chunks[b, T // 2 + 1:]
         nll -= float(lp[np.arange(len(target)), target].sum())
@@ -372,7 +503,7 @@ class _Accumulator:
 def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
                   progress: Callable[[], None] | None = None) -> CalibrationStats:
     """Run the forward over ``chunks`` and record every layer's K/V input statistics."""
-    fwd = LlamaForward(model)
+    fwd = numpy_forward(model)
     sh = model.shape
     accs = [_Accumulator(sh.n_embd, full, True) for _ in range(sh.n_layer)]
 
@@ -383,7 +514,7 @@ def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
         # |q_2i+1|^2) / 2, summed over the query heads of the group
         B, T, _ = x.shape
         hk = sh.head_dim_k
-        q = (x @ w.wq.T + (0 if w.bq is None else w.bq.reshape(-1))).reshape(B * T, sh.n_head, hk)
+        q = fwd.queries(w, x).reshape(B * T, sh.n_head, hk)
         q = q.reshape(B * T, sh.n_head, 2, hk // 2).swapaxes(-1, -2) if sh.rope_neox else \
             q.reshape(B * T, sh.n_head, hk // 2, 2)  # (tokens, n_head, pair, its two rows)
         e = np.square(q.astype(np.float64)).sum(-1).sum(0) / 2.0  # (n_head, hk/2) summed over tokens

@@ -367,10 +367,6 @@ def _check_architecture(model: SourceModel, opts: ConvertOptions) -> None:
         raise LorcError(f"{shape.architecture} uses sliding-window attention (window {shape.sliding_window}): "
                         "the hybrid cache (--sink-tokens/--recent-window) is not available for it; "
                         "convert without them")
-    if opts.calibration is not None and not model.architecture.calibration_forward:
-        raise LorcError(f"--calibration runs a numpy forward that implements llama and qwen2, not "
-                        f"{shape.architecture}; give a llama.cpp importance matrix instead "
-                        "(llama-imatrix -m MODEL -f TEXT -o imatrix.gguf, then --imatrix imatrix.gguf)")
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, log: Log | None = None,

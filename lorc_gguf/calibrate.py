@@ -13,11 +13,12 @@ energy of the RoPE pairs of the queries that attend to each K row (rotation-aver
 per adjacent pair of rows).
 
 The statistics come from a numpy forward of the llama architecture straight from the GGUF
-(``LlamaForward``; ``Gemma3Forward`` for gemma3, see ``numpy_forward``): one layer's weights are dequantized at a time and applied to the hidden states
-of all calibration tokens, which stay in memory (n_tokens x n_embd float32). RMSNorm, RoPE in
-llama.cpp's NORM mode (adjacent pairs; the HF converter permuted the Q/K rows for it), grouped-query
-causal attention and the SwiGLU FFN, as ``src/models/llama.cpp`` builds them. The same forward
-computes logits/perplexity, which is how it is checked against the runtime.
+(``LlamaForward``; ``Gemma3Forward`` for gemma3, see ``numpy_forward``): one layer's weights are
+dequantized at a time and applied to the hidden states of all calibration tokens, which stay in
+memory (n_tokens x n_embd float32). RMSNorm, RoPE in llama.cpp's NORM mode (adjacent pairs; the HF
+converter permuted the Q/K rows for it), grouped-query causal attention and the SwiGLU FFN, as
+``src/models/llama.cpp`` builds them. The same forward computes logits/perplexity, which is how it
+is checked against the runtime.
 
 Text is tokenized with llama.cpp's tokenizer (vocab-only load through llama-cpp-python) and cut into
 chunks of ``n_ctx`` tokens whose first token is replaced by BOS, as llama-perplexity does.
@@ -150,7 +151,8 @@ class LlamaForward:
         meta = model.meta
         arch = model.shape.architecture
         if _FORWARDS.get(arch) is not type(self):
-            raise LorcError(f"{type(self).__name__} does not compute the {arch} architecture (use numpy_forward)")
+            raise LorcError(f"{type(self).__name__} does not compute the {arch} architecture "
+                            f"(calibration supports {', '.join(_FORWARDS)})")
         self.eps = float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5)
         self.rope_base = float(meta.get(f"{arch}.rope.freq_base") or 10000.0)
         self.n_rot = int(meta.get(f"{arch}.rope.dimension_count") or self.shape.head_dim_k)
@@ -163,6 +165,7 @@ class LlamaForward:
         t = model.tensors.get("rope_freqs.weight")
         self.freq_factors = None if t is None else _dequant(t).reshape(-1).astype(np.float64)
         self.override = weights_override
+        self._tables: dict[tuple[int, float, float], tuple[np.ndarray, np.ndarray]] = {}
 
     def _t(self, name: str) -> np.ndarray | None:
         t = self.model.tensors.get(name)
@@ -199,13 +202,17 @@ class LlamaForward:
         rows = np.asarray(rows, dtype=np.float32).reshape(len(uniq), n_embd)
         return rows[inverse].reshape(*tokens.shape, n_embd)
 
-    def _rope_tables(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-        i = np.arange(self.n_rot // 2, dtype=np.float64)
-        inv = self.rope_base ** (-2.0 * i / self.n_rot)
-        if self.freq_factors is not None:
-            inv = inv / self.freq_factors[: len(inv)]
-        ang = (np.arange(n_ctx, dtype=np.float64) * self.rope_scale)[:, None] * inv[None, :]
-        return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    def _rope_tables(self, n_ctx: int, base: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin for positions 0..n_ctx-1, computed once per (n_ctx, base, scale)."""
+        key = (n_ctx, base, scale)
+        if key not in self._tables:
+            i = np.arange(self.n_rot // 2, dtype=np.float64)
+            inv = base ** (-2.0 * i / self.n_rot)
+            if self.freq_factors is not None:
+                inv = inv / self.freq_factors[: len(inv)]
+            ang = (np.arange(n_ctx, dtype=np.float64) * scale)[:, None] * inv[None, :]
+            self._tables[key] = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        return self._tables[key]
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x (..., n_ctx, n_head, head_dim); NORM mode rotates adjacent pairs (2i, 2i+1), NEOX mode
@@ -221,7 +228,7 @@ class LlamaForward:
 
     def layer_rope_tables(self, il: int, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
         """The cos/sin tables layer ``il`` ropes with (one set for every layer here)."""
-        return self._rope_tables(n_ctx)
+        return self._rope_tables(n_ctx, self.rope_base, self.rope_scale)
 
     def queries(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
         """Queries before RoPE, (..., n_head, head_dim)."""
@@ -335,7 +342,6 @@ class Gemma3Forward(LlamaForward):
         else:
             n = int(pattern if pattern is not None else 6)  # llama_model_gemma3: load_swa_pattern(ml, 6)
             self.is_swa = [n == 0 or il % n < n - 1 for il in range(sh.n_layer)]
-        self._tables: dict[tuple[bool, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def layer(self, il: int) -> LayerWeights:
         w = super().layer(il)
@@ -352,16 +358,9 @@ class Gemma3Forward(LlamaForward):
         return super().embed(tokens) * np.float32(math.sqrt(self.shape.n_embd))
 
     def layer_rope_tables(self, il: int, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-        swa = self.is_swa[il]
-        if (swa, n_ctx) not in self._tables:
-            base, scale = self.rope_base, self.rope_scale
-            if swa:  # llama.cpp: rope_freq_base_train_swa, and no scaling on local layers
-                self.rope_base, self.rope_scale = self.rope_base_swa, 1.0
-            try:
-                self._tables[(swa, n_ctx)] = self._rope_tables(n_ctx)
-            finally:
-                self.rope_base, self.rope_scale = base, scale
-        return self._tables[(swa, n_ctx)]
+        if self.is_swa[il]:  # llama.cpp: rope_freq_base_train_swa, and no scaling on local layers
+            return self._rope_tables(n_ctx, self.rope_base_swa, 1.0)
+        return super().layer_rope_tables(il, n_ctx)
 
     def queries(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
         return rms_norm(super().queries(w, x), w.q_norm, self.eps)
@@ -407,12 +406,8 @@ _FORWARDS: dict[str, type[LlamaForward]] = {"llama": LlamaForward, "qwen2": Llam
 
 def numpy_forward(model: SourceModel,
                   weights_override: Callable[[int], dict[str, np.ndarray]] | None = None) -> LlamaForward:
-    """The numpy forward for the model's architecture."""
-    cls = _FORWARDS.get(model.shape.architecture)
-    if cls is None:
-        raise LorcError(f"no numpy forward for the {model.shape.architecture} architecture "
-                        f"(calibration supports {', '.join(sorted(_FORWARDS))})")
-    return cls(model, weights_override)
+    """The numpy forward for the model's architecture (LlamaForward refuses one it does not compute)."""
+    return _FORWARDS.get(model.shape.architecture, LlamaForward)(model, weights_override)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -188,6 +188,14 @@ def _save_with_smollm2_tokenizer(model, path: Path) -> None:
             shutil.copy2(item, path / item.name)
 
 
+def _update_config(path: Path, **values) -> None:
+    """Set keys of a saved folder's config.json (what transformers wrote is kept otherwise)."""
+    config_path = path / "config.json"
+    cfg = json.loads(config_path.read_text())
+    cfg.update(values)
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def make_hf_llama_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
                          n_head_kv: int = 2, head_dim: int = 32, n_ff: int = 256, seed: int = 0) -> Path:
     """A random LlamaForCausalLM (safetensors) with SmolLM2's tokenizer, saved to ``path``."""
@@ -233,11 +241,8 @@ def make_hf_gemma3_folder(path: str | os.PathLike[str], n_layer: int = 6, n_embd
             if name.endswith("norm.weight"):
                 param.normal_(0.0, 0.3)
     _save_with_smollm2_tokenizer(model, path)
-    config_path = path / "config.json"
-    cfg = json.loads(config_path.read_text())
     if not swa:
-        cfg["sliding_window_pattern"] = 1  # what the pinned converter reads to leave the window out
-    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        _update_config(path, sliding_window_pattern=1)  # what the pinned converter reads to leave the window out
     return path
 
 
@@ -265,8 +270,5 @@ def make_hf_qwen2_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd:
     # pre-tokenizer turns SmolLM2's vocabulary into a hash the pinned converter does not know (a real
     # Qwen2 folder has Qwen's tokenizer and hashes as "qwen2"). model_type only steers AutoTokenizer:
     # the converter picks its Qwen2 class from "architectures", which stays Qwen2ForCausalLM.
-    config_path = path / "config.json"
-    cfg = json.loads(config_path.read_text())
-    cfg["model_type"] = "llama"
-    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    _update_config(path, model_type="llama")
     return path

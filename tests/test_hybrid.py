@@ -32,7 +32,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
     convert(original, plain, allocation="uniform", ratio=0.5, outtype="f32", progress=False)
     convert(original, hybrid, allocation="uniform", ratio=0.5, outtype="f32", progress=False,
             sink_tokens=SINKS, recent_window=WINDOW)
-    return {"original": original, "plain": plain, "hybrid": hybrid}
+    # value rank 96 above the head width 64: prompt ubatches rebuild the latent values before
+    # attention instead of lifting the output (see test_runtime.values_rebuilt)
+    plain_wide = d / "plain-wide.gguf"
+    hybrid_wide = d / "hybrid-wide.gguf"
+    convert(original, plain_wide, allocation="uniform", ratio=0.75, outtype="f32", progress=False)
+    convert(original, hybrid_wide, allocation="uniform", ratio=0.75, outtype="f32", progress=False,
+            sink_tokens=SINKS, recent_window=WINDOW)
+    return {"original": original, "plain": plain, "hybrid": hybrid,
+            "plain-wide": plain_wide, "hybrid-wide": hybrid_wide}
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -57,17 +65,18 @@ def test_hybrid_file_records_its_defaults(models):
     assert runtime.gguf_lorc_version(models["hybrid"]) == 1
 
 
+@pytest.mark.parametrize("width", ["", "-wide"])
 @pytest.mark.parametrize("flash_attn", [False, True])
-def test_mixed_case_matches_reference_rule(models, flash_attn):
+def test_mixed_case_matches_reference_rule(models, flash_attn, width):
     # float64 numpy against float32 llama.cpp with an f32 cache: measured max error ~5e-6 on
     # logits of size ~5; 1e-3 leaves margin for thread-count dependent summation order while any
     # cell routed to the wrong store moves logits by > 0.05 here
     tokens = prompt(64)
-    want = reference.forward(models["original"], tokens, models["plain"],
+    want = reference.forward(models["original"], tokens, models["plain" + width],
                              exact=lambda p0, p1: p0 < SINKS or p1 - p0 < WINDOW)
-    got = run(models["hybrid"], tokens, flash_attn=flash_attn, **F32)
+    got = run(models["hybrid" + width], tokens, flash_attn=flash_attn, **F32)
     np.testing.assert_allclose(got, want, atol=1e-3)
-    plain = reference.forward(models["original"], tokens, models["plain"])
+    plain = reference.forward(models["original"], tokens, models["plain" + width])
     assert np.abs(plain - want).max() > 0.05  # the rule matters on this prompt
 
 
@@ -85,11 +94,13 @@ def test_no_sinks_no_window_is_the_plain_latent_cache(models):
     np.testing.assert_allclose(got, run(models["plain"], tokens), atol=1e-5)
 
 
-def test_token_by_token_decode_equals_batched_prefill(models):
+@pytest.mark.parametrize("width", ["", "-wide"])
+def test_token_by_token_decode_equals_batched_prefill(models, width):
     # the rule is evaluated per (query, cell) in every ubatch, so splitting the prompt into
-    # one-token decode steps must give the prefill's logits
+    # one-token decode steps must give the prefill's logits (with "-wide", the prefill rebuilds
+    # values and joins the two stores' keys, the steps lift values and join scores)
     tokens = prompt(60, seed=3)
-    with Session(models["hybrid"], SessionParams(n_ctx=256, **F32)) as s:
+    with Session(models["hybrid" + width], SessionParams(n_ctx=256, **F32)) as s:
         batched = s.decode_seq(tokens)
         s.clear()
         s.decode_seq(tokens[:20], logits=False)

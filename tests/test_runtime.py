@@ -30,6 +30,14 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     return [int(t) for t in rng.integers(100, synth.VOCAB_SIZE - 100, n)]
 
 
+# Tests of cache bookkeeping (sequences, copies, state, shifts) compare a long prompt with its
+# continuation in shorter ubatches. With an f16 cache the runtime takes different roads for the
+# two (a prompt ubatch rebuilds keys and values rounded to f16 as the dense cache stores them, a
+# short one attends the latent rows and lifts), which differ by f16 rounding (measured up to 4e-3
+# on logits of ~2). f32 caches make both roads float32-exact, so these tests keep tight tolerances.
+F32 = dict(cache_type_k="f32", cache_type_v="f32")
+
+
 def logits_of(path: Path, tokens: list[int], **params) -> np.ndarray:
     with Session(path, SessionParams(n_ctx=256, **params)) as s:
         return s.decode_seq(tokens)
@@ -115,6 +123,54 @@ def test_reduced_rank_matches_dense_equivalent(reduced_pair, flash_attn, cache):
     assert mean_kl(ref, got) <= 4 * floor + 1e-6
 
 
+def values_rebuilt(n_kv: int, n_tokens: int, rank: int) -> bool:
+    """The runtime's rule (llm_graph_context::build_lorc_values): a ubatch rebuilds latent values
+    before attention when that takes fewer multiply-adds than attending at the rank width and
+    lifting each head's output afterwards."""
+    latent = n_kv * n_tokens * N_HEAD * rank + n_tokens * N_HEAD * rank * HEAD_DIM
+    rebuilt = n_kv * rank * D_KV + n_kv * n_tokens * N_HEAD * HEAD_DIM
+    return rebuilt < latent
+
+
+@pytest.fixture(scope="module")
+def wide_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """Value rank 96 > head width 64: prompt ubatches take the rebuilt-values path."""
+    d = tmp_path_factory.mktemp("wide")
+    original = synth.make_llama_gguf(d / "original.gguf", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD,
+                                     n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, n_ff=512, seed=6)
+    lorc = d / "lorc.gguf"
+    convert(original, lorc, allocation="uniform", ratio=0.75, outtype="f32", progress=False)
+    return write_dense_equivalent(lorc, d / "dense.gguf"), lorc
+
+
+@pytest.mark.parametrize("cache", ["f32", "f16"])
+def test_prompt_with_rebuilt_values_matches_dense_equivalent(wide_pair, cache):
+    dense, lorc = wide_pair
+    tokens = prompt(96, seed=5)
+    # the prompt's ubatch rebuilds values for any cache view the runtime may pick (n_kv from the
+    # prompt length up to the padded context); single-token steps lift them instead
+    assert all(values_rebuilt(n_kv, len(tokens), 96) for n_kv in (len(tokens), 256))
+    assert not values_rebuilt(256, 1, 96)
+    params = dict(cache_type_k=cache, cache_type_v=cache)
+    with Session(lorc, SessionParams(n_ctx=256, **params)) as s:
+        got = s.decode_seq(tokens)
+        s.clear()
+        s.decode_seq(tokens[:80], logits=False)
+        steps = np.stack([s.decode_seq([t], pos0=80 + i)[0] for i, t in enumerate(tokens[80:])])
+    ref = logits_of(dense, tokens, cache_type_k="f32", cache_type_v="f32")
+    if cache == "f32":
+        # float32 reassociation only, as in test_exact_factorization_f32_cache_is_exact; values
+        # read through the wrong layout or head move logits by more than 0.1 of the range
+        np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())
+        np.testing.assert_allclose(steps, got[80:], atol=2e-3 * np.abs(ref).max())
+    else:
+        # rebuilt keys and values are rounded to f16 as the dense cache stores its rows: the
+        # dense-equivalent's own f16-cache KL is the floor, as in the tests above
+        floor = mean_kl(ref, logits_of(dense, tokens, **params))
+        assert mean_kl(ref, got) <= 4 * floor + 1e-6
+        assert mean_kl(ref[80:], steps) <= 4 * floor + 1e-6
+
+
 def test_kv_bytes_per_token_follow_the_ranks(reduced_pair):
     dense, lorc = reduced_pair
     tokens = prompt(64, seed=4)
@@ -138,7 +194,7 @@ def test_multiple_sequences_in_one_batch(reduced_pair, which, kv_unified):
     where they should."""
     dense, lorc = reduced_pair
     a, b = prompt(40, seed=5), prompt(40, seed=6)
-    params = SessionParams(n_ctx=256, n_seq_max=2, kv_unified=kv_unified)
+    params = SessionParams(n_ctx=256, n_seq_max=2, kv_unified=kv_unified, **F32)
     with Session(lorc if which == "lorc" else dense, params) as s:
         both = s.decode([(t, i, 0) for i, t in enumerate(a)] + [(t, i, 1) for i, t in enumerate(b)])
         s.clear()
@@ -152,7 +208,7 @@ def test_multiple_sequences_in_one_batch(reduced_pair, which, kv_unified):
 def test_seq_cp_keep_rm_and_state_roundtrip(reduced_pair):
     _, lorc = reduced_pair
     tokens = prompt(70, seed=7)
-    with Session(lorc, SessionParams(n_ctx=256, n_seq_max=2)) as s:
+    with Session(lorc, SessionParams(n_ctx=256, n_seq_max=2, **F32)) as s:
         ref = s.decode_seq(tokens)[-10:]
         s.clear()
         s.decode_seq(tokens[:60], logits=False)
@@ -180,7 +236,7 @@ def test_uniform_shift_is_exact(reduced_pair):
     # are roped at read, so a shift only moves positions and the result is exact.
     _, lorc = reduced_pair
     tokens = prompt(70, seed=9)
-    with Session(lorc, SessionParams(n_ctx=256)) as s:
+    with Session(lorc, SessionParams(n_ctx=256, **F32)) as s:
         ref = s.decode_seq(tokens)[-10:]
         s.clear()
         s.decode_seq(tokens[:60], logits=False)

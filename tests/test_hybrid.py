@@ -27,20 +27,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("hybrid")
     original = synth.make_llama_gguf(d / "original.gguf", n_layer=N_LAYER, n_embd=256, n_head=8, n_head_kv=2,
                                      head_dim=64, n_ff=512, seed=5)
-    plain = d / "plain.gguf"
-    hybrid = d / "hybrid.gguf"
-    convert(original, plain, allocation="uniform", ratio=0.5, outtype="f32", progress=False)
-    convert(original, hybrid, allocation="uniform", ratio=0.5, outtype="f32", progress=False,
-            sink_tokens=SINKS, recent_window=WINDOW)
-    # value rank 96 above the head width 64: prompt ubatches rebuild the latent values before
-    # attention instead of lifting the output (see test_runtime.values_rebuilt)
-    plain_wide = d / "plain-wide.gguf"
-    hybrid_wide = d / "hybrid-wide.gguf"
-    convert(original, plain_wide, allocation="uniform", ratio=0.75, outtype="f32", progress=False)
-    convert(original, hybrid_wide, allocation="uniform", ratio=0.75, outtype="f32", progress=False,
-            sink_tokens=SINKS, recent_window=WINDOW)
-    return {"original": original, "plain": plain, "hybrid": hybrid,
-            "plain-wide": plain_wide, "hybrid-wide": hybrid_wide}
+    out = {"original": original}
+    # "-wide": value rank 96 above the head width 64, so prompt ubatches rebuild the latent values
+    # before attention instead of lifting the output (see test_runtime.values_rebuilt)
+    for suffix, ratio in (("", 0.5), ("-wide", 0.75)):
+        for name, hybrid in ((f"plain{suffix}", {}), (f"hybrid{suffix}", dict(sink_tokens=SINKS, recent_window=WINDOW))):
+            out[name] = d / f"{name}.gguf"
+            convert(original, out[name], allocation="uniform", ratio=ratio, outtype="f32", progress=False, **hybrid)
+    return out
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

@@ -57,15 +57,19 @@ def exact_pair(tmp_path_factory) -> tuple[Path, Path]:
     return original, lorc
 
 
+def dense_and_lorc(d: Path, seed: int, ratio: float) -> tuple[Path, Path]:
+    """A random synthetic model converted at uniform ``ratio``, and its dense-equivalent (A*B written back)."""
+    original = synth.make_llama_gguf(d / "original.gguf", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD,
+                                     n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, n_ff=512, seed=seed)
+    lorc = d / "lorc.gguf"
+    convert(original, lorc, allocation="uniform", ratio=ratio, outtype="f32", progress=False)
+    return write_dense_equivalent(lorc, d / "dense.gguf"), lorc
+
+
 @pytest.fixture(scope="module")
 def reduced_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """A random synthetic model at half KV width, and its dense-equivalent (A*B written back)."""
-    d = tmp_path_factory.mktemp("reduced")
-    original = synth.make_llama_gguf(d / "original.gguf", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD,
-                                     n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, n_ff=512, seed=2)
-    lorc = d / "lorc.gguf"
-    convert(original, lorc, allocation="uniform", ratio=0.5, outtype="f32", progress=False)
-    return write_dense_equivalent(lorc, d / "dense.gguf"), lorc
+    """Half KV width: value rank 64 = head width."""
+    return dense_and_lorc(tmp_path_factory.mktemp("reduced"), seed=2, ratio=0.5)
 
 
 def test_installed_library_is_patched():
@@ -135,12 +139,7 @@ def values_rebuilt(n_kv: int, n_tokens: int, rank: int) -> bool:
 @pytest.fixture(scope="module")
 def wide_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Value rank 96 > head width 64: prompt ubatches take the rebuilt-values path."""
-    d = tmp_path_factory.mktemp("wide")
-    original = synth.make_llama_gguf(d / "original.gguf", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD,
-                                     n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, n_ff=512, seed=6)
-    lorc = d / "lorc.gguf"
-    convert(original, lorc, allocation="uniform", ratio=0.75, outtype="f32", progress=False)
-    return write_dense_equivalent(lorc, d / "dense.gguf"), lorc
+    return dense_and_lorc(tmp_path_factory.mktemp("wide"), seed=6, ratio=0.75)
 
 
 @pytest.mark.parametrize("cache", ["f32", "f16"])

@@ -18,6 +18,9 @@ Steps (each a command of its own, printed as it runs):
     the file with latent keys runs once per selective-reconstruction setting (--lorc-top-k)
  5. tools/eval.py at ctx 4096 x 4, last 256 tokens decoded one by one, per --lorc-top-k setting
     -> results/topk.json, results/topk.md
+ 6. the recent window as a decode-speed lever: the file with latent keys with a wider exact window
+    (LLAMA_LORC_RECENT_WINDOW, for each of WINDOWS) and fewer selected cells, quality as in (5)
+    -> results/topk-w{W}.json/md, and speed at 4K -> results/bench-w{W}.json/md
 
 The backend is the installed runtime's: on a GPU machine build it with
 `tools/build_runtime.py --cuda` first; bench.json records the machine and backend.
@@ -37,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from lorc_gguf.models import smollm2_path  # noqa: E402
 
 TOP_K = "0,1024,512,256"  # LLAMA_LORC_TOP_K values measured (0 = every key rebuilt)
+# wider exact windows (LLAMA_LORC_RECENT_WINDOW) trade bytes for rebuilt cells: their k values
+WINDOWS = {256: "0,256,128", 512: "0,256,128"}
 
 
 def run(cmd: list[str], stdout: Path | None = None) -> None:
@@ -81,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     # flash attention off for every configuration: llama.cpp's CPU flash-attention kernel with an
     # f16 cache is slow at long context on some CPUs, and hybrid layers never use it, so mixing
     # the two would measure the kernel rather than the cache (quantized caches need it: not here)
-    bench = [py, "tools/bench.py", model, main_file, fast_file, "--ctx", args.ctx, "--repeats", args.repeats,
-             "--decode-tokens", "16", "--flash-attn", "off", "--cache-types", "", "--lorc-cache-types", ""]
+    bench_opts = ["--repeats", args.repeats, "--decode-tokens", "16", "--flash-attn", "off",
+                  "--cache-types", "", "--lorc-cache-types", ""]
     if args.threads:
-        bench += ["--threads", args.threads]
+        bench_opts += ["--threads", args.threads]
+    bench = [py, "tools/bench.py", model, main_file, fast_file, "--ctx", args.ctx, *bench_opts]
     # selective reconstruction (LLAMA_LORC_TOP_K) runs as extra rows of the file with latent keys
     run([*bench, "--lorc-top-k", TOP_K, "--json", out / "bench.json", "--plot", out / "speed.png"],
         stdout=out / "bench.md")
@@ -96,8 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     # last 256 tokens of each 4K chunk are decoded one at a time and only they are scored
     run([py, "tools/eval.py", model, main_file, "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
          "--flash-attn", "off", "--lorc-top-k", TOP_K, "--quiet", "--json", out / "topk.json"], stdout=out / "topk.md")
-    print(f"results in {out}: quality.md/json/png, bench.md/json, bench-plain.md/json, topk.md/json, speed.png, "
-          "ranks.png", file=sys.stderr)
+    # the exact window as a speed lever: cells in it are never rebuilt, so a wider window lets a
+    # smaller k keep quality; each window is the runtime's documented override of the file's 64
+    for window, top_k in WINDOWS.items():
+        env = ["env", f"LLAMA_LORC_RECENT_WINDOW={window}"]
+        run([*env, py, "tools/eval.py", model, main_file, "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
+             "--flash-attn", "off", "--lorc-top-k", top_k, "--quiet", "--json", out / f"topk-w{window}.json"],
+            stdout=out / f"topk-w{window}.md")
+        run([*env, py, "tools/bench.py", model, main_file, "--ctx", "4096", *bench_opts, "--lorc-top-k", top_k,
+             "--json", out / f"bench-w{window}.json"], stdout=out / f"bench-w{window}.md")
+    print(f"results in {out}: quality.md/json/png, bench.md/json, bench-plain.md/json, topk.md/json, "
+          "topk-w*.md/json, bench-w*.md/json, speed.png, ranks.png", file=sys.stderr)
     return 0
 
 

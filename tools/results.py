@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reproduce the README's results on this machine: quality table, speed table and the plots.
 
-    python tools/results.py                  # everything into results/ (about an hour on 2 cores)
+    python tools/results.py                  # everything into results/ (about 1.5 hours on 2 cores)
     python tools/results.py --skip-quality   # only conversions, speed and plots
     make results                             # the same, after setting everything up
 

@@ -22,7 +22,7 @@ from .errors import LorcError
 from .evaluate import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, ModelConfig, _table, bos_token, check_unique_labels,
                        decode_tokens, default_threads, eval_text, expand_top_k, gguf_info, lorc_ranks, machine_info,
                        make_config, measure_kv_bytes, open_session, parse_flash_attn, parse_top_k,
-                       resolve_model_path, versions)
+                       resolve_model_path, runtime_overrides, versions)
 
 DEFAULT_CONTEXTS = (512, 2048, 4096, 8192)
 QUICK_CONTEXTS = (256, 1024)
@@ -166,7 +166,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
         if budget_mib is not None:
             row["budget_ctx"] = int(budget_mib * MIB // only)
         config_rows.append(row)
-    return {"tool": "bench", "machine": machine, "versions": versions(),
+    return {"tool": "bench", "machine": machine, "versions": versions(), "runtime_overrides": runtime_overrides(),
             "settings": {"contexts": contexts, "repeats": repeats, "decode_tokens": decode_tokens_n,
                          "n_batch": n_batch, "threads": threads, "budget_mib": budget_mib,
                          "statistic": "median over repeats",

@@ -429,6 +429,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
         "models": results,
         "machine": machine_info(threads),
         "versions": versions(),
+        "runtime_overrides": runtime_overrides(),
     }
 
 
@@ -644,6 +645,12 @@ def machine_info(threads: int) -> dict[str, Any]:
         load = None
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "backend": backend,
             "platform": platform.platform(), "loadavg": load}
+
+
+def runtime_overrides() -> dict[str, str]:
+    """The LLAMA_LORC_* variables in effect for the whole run (hybrid sizes, top-k): the runtime
+    reads them at load time, so results measured under them are not the file's defaults."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLAMA_LORC_")}
 
 
 def versions() -> dict[str, Any]:

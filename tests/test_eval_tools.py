@@ -294,3 +294,20 @@ def test_bench_lorc_top_k_labels(pair, tmp_path):
     assert rc == 0
     configs = json.loads(out.read_text())["configs"]
     assert [(c["label"], c["lorc_top_k"]) for c in configs] == [("original", 0), ("lorc", 0), ("lorc [top-8]", 8)]
+
+
+def test_runtime_overrides_in_effect_are_recorded(pair, tmp_path, monkeypatch):
+    # results measured under the runtime's load-time overrides (a wider exact window, say) are not
+    # the file's defaults: both tools write what was set, and nothing when nothing was
+    original, lorc = pair
+    common = ["--ctx", "64", "--json"]
+    for name in ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW", "LLAMA_LORC_TOP_K"):
+        monkeypatch.delenv(name, raising=False)
+    assert ev.eval_main([str(lorc), "--chunks", "1", *common, str(tmp_path / "a.json"), "-q", *THREADS]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["runtime_overrides"] == {}
+    monkeypatch.setenv("LLAMA_LORC_RECENT_WINDOW", "16")
+    assert ev.eval_main([str(lorc), "--chunks", "1", *common, str(tmp_path / "b.json"), "-q", *THREADS]) == 0
+    assert bench_main([str(original), str(lorc), "--repeats", "1", "--decode-tokens", "2", "--cache-types", "",
+                       "--lorc-cache-types", "", *common, str(tmp_path / "c.json"), "-q", *THREADS]) == 0
+    for report in ("b.json", "c.json"):
+        assert json.loads((tmp_path / report).read_text())["runtime_overrides"] == {"LLAMA_LORC_RECENT_WINDOW": "16"}

@@ -156,7 +156,7 @@ def test_prompt_with_rebuilt_values_matches_dense_equivalent(wide_pair, cache):
         s.clear()
         s.decode_seq(tokens[:80], logits=False)
         steps = np.stack([s.decode_seq([t], pos0=80 + i)[0] for i, t in enumerate(tokens[80:])])
-    ref = logits_of(dense, tokens, cache_type_k="f32", cache_type_v="f32")
+    ref = logits_of(dense, tokens, **F32)
     if cache == "f32":
         # float32 reassociation only, as in test_exact_factorization_f32_cache_is_exact; values
         # read through the wrong layout or head move logits by more than 0.1 of the range

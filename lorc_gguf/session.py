@@ -37,6 +37,7 @@ CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "
 
 HYBRID_ENV = ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW")
 TOP_K_ENV = "LLAMA_LORC_TOP_K"
+PREFILL_BLOCK_ENV = "LLAMA_LORC_PREFILL_BLOCK"
 
 
 @contextmanager
@@ -67,6 +68,13 @@ def top_k_override(top_k: int | None):
     """Models loaded inside rebuild only the ``top_k`` best-scoring latent keys per decoded token
     (LLAMA_LORC_TOP_K; 0 = every key, None leaves the variable as it is)."""
     return _env_override({TOP_K_ENV: top_k})
+
+
+def prefill_block_override(n_block: int | None):
+    """Models loaded inside take a hybrid cache's prompt queries in blocks of up to ``n_block``
+    tokens, each against only the exact cells its window reaches (LLAMA_LORC_PREFILL_BLOCK;
+    0 = every query against the whole exact store, None leaves the variable as it is)."""
+    return _env_override({PREFILL_BLOCK_ENV: n_block})
 
 
 @dataclass(frozen=True)

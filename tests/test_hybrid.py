@@ -13,7 +13,7 @@ import pytest
 import reference
 import synth
 from lorc_gguf import convert, runtime
-from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs
+from lorc_gguf.session import Session, SessionParams, hybrid_override, prefill_block_override, silence_llama_logs
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()
@@ -72,6 +72,39 @@ def test_mixed_case_matches_reference_rule(models, flash_attn, width):
     np.testing.assert_allclose(got, want, atol=1e-3)
     plain = reference.forward(models["original"], tokens, models["plain" + width])
     assert np.abs(plain - want).max() > 0.05  # the rule matters on this prompt
+
+
+@pytest.mark.parametrize("width", ["", "-wide"])
+def test_prompt_in_query_blocks_matches_reference_rule(models, width):
+    # prompt ubatches of 64 taken in blocks of 16 queries, each against the sink slots and the
+    # window + block positions it reaches (patch 0016): the first ubatch holds the sinks itself,
+    # later ones read sinks and window from earlier ubatches, the last (32 tokens) has two blocks.
+    # Tolerance as in test_mixed_case_matches_reference_rule
+    tokens = prompt(224, seed=6)
+    want = reference.forward(models["original"], tokens, models["plain" + width],
+                             exact=lambda p0, p1: p0 < SINKS or p1 - p0 < WINDOW)
+    with prefill_block_override(16):
+        blocks = run(models["hybrid" + width], tokens, n_batch=64, n_ubatch=64, **F32)
+    with prefill_block_override(0):
+        joint = run(models["hybrid" + width], tokens, n_batch=64, n_ubatch=64, **F32)
+    np.testing.assert_allclose(blocks, want, atol=1e-3)
+    np.testing.assert_allclose(joint, want, atol=1e-3)
+    # the two paths sum in different orders: bit-equal logits would mean the blocks never ran
+    assert not np.array_equal(blocks, joint)
+
+
+def test_sinks_survive_the_exact_store_wrapping(models):
+    # the exact store holds S + W + n_ubatch cells (padded to 32: 64 here); a prompt of 100 tokens
+    # in ubatches of 32 and 40 single-token steps overwrite its cells many times. The sinks must
+    # stay exact throughout (before patch 0017 the first reused cell purged them: logits off by
+    # ~1 from the second ubatch on). Tolerance as in test_mixed_case_matches_reference_rule
+    tokens = prompt(140, seed=7)
+    want = reference.forward(models["original"], tokens, models["plain"],
+                             exact=lambda p0, p1: p0 < SINKS or p1 - p0 < WINDOW)
+    with Session(models["hybrid"], SessionParams(n_ctx=256, n_batch=32, n_ubatch=32, **F32)) as s:
+        prefill = s.decode_seq(tokens[:100])
+        steps = np.stack([s.decode_seq([t], pos0=100 + i)[0] for i, t in enumerate(tokens[100:])])
+    np.testing.assert_allclose(np.concatenate([prefill, steps]), want, atol=1e-3)
 
 
 def test_everything_exact_is_the_original_model(models):

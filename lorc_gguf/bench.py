@@ -156,15 +156,17 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
     machine["loadavg_end"] = list(os.getloadavg())
     config_rows = []
     for c in configs:
-        raw, only = kv[c.label]
-        row = {**c.describe(), "kv_bytes_per_token_raw": raw, "kv_bytes_per_token": only,
-               "kv_ratio": only / kv[configs[0].label][1], "n_ctx_train": n_ctx_train(c.path)}
+        b = kv[c.label]
+        row = {**c.describe(), "kv_bytes_per_token_raw": b.raw, "kv_bytes_per_token": b.per_token,
+               "kv_ratio": b.per_token / kv[configs[0].label].per_token,
+               "kv_exact_cells": b.exact_cells, "kv_exact_bytes": b.exact_bytes,
+               "n_ctx_train": n_ctx_train(c.path)}
         ranks = lorc_ranks(c.path)
         if ranks:
             row["lorc_kept_width"] = ((sum(ranks["key_rank"]) + sum(ranks["value_rank"]))
                                       / (len(ranks["key_rank"]) * (ranks["key_width"] + ranks["value_width"])))
         if budget_mib is not None:
-            row["budget_ctx"] = int(budget_mib * MIB // only)
+            row["budget_ctx"] = max(0, int((budget_mib * MIB - b.exact_bytes) // b.per_token))
         config_rows.append(row)
     return {"tool": "bench", "machine": machine, "versions": versions(), "runtime_overrides": runtime_overrides(),
             "settings": {"contexts": contexts, "repeats": repeats, "decode_tokens": decode_tokens_n,
@@ -179,7 +181,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
 def format_bench(report: dict[str, Any]) -> str:
     contexts = report["settings"]["contexts"]
     by = {(r["config"], r["n_ctx"]): r for r in report["results"]}
-    head = ["config", "cache", "KV B/tok", "ratio"] + [f"pp/tg @{c}" for c in contexts]
+    head = ["config", "cache", "KV B/tok", "ratio", "exact"] + [f"pp/tg @{c}" for c in contexts]
     budget = report["settings"].get("budget_mib")
     if budget is not None:
         head.append(f"ctx in {budget:g} MiB")
@@ -187,7 +189,8 @@ def format_bench(report: dict[str, Any]) -> str:
     for c in report["configs"]:
         row = [c["label"],
                c["cache_type_k"] if c["cache_type_k"] == c["cache_type_v"] else f"{c['cache_type_k']}/{c['cache_type_v']}",
-               f"{c['kv_bytes_per_token']:.0f}", f"{c['kv_ratio']:.3f}"]
+               f"{c['kv_bytes_per_token']:.0f}", f"{c['kv_ratio']:.3f}",
+               str(c["kv_exact_cells"]) if c["kv_exact_cells"] else "-"]
         for n in contexts:
             r = by[(c["label"], n)]
             row.append(f"{r['prefill_tps']:.0f}/{r['decode_tps']:.1f}")
@@ -199,7 +202,8 @@ def format_bench(report: dict[str, Any]) -> str:
     return (_table(rows, right_from=2) +
             f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}),"
             f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
-            f"{m['loadavg_end'][0]:.1f}")
+            f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
+            f"(sinks + window), not in KV B/tok")
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ import numpy as np
 
 from . import constants
 from .errors import LorcError
-from .session import CACHE_TYPES, TOP_K_ENV, Session, SessionParams, silence_llama_logs, top_k_override
+from .session import (CACHE_TYPES, HYBRID_ENV, TOP_K_ENV, Session, SessionParams, hybrid_override,
+                      silence_llama_logs, top_k_override)
 from .text import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
 
 # llama.cpp serializes pos, n_seq_id and one seq_id (int32 each) per cell next to the K/V rows:
@@ -105,11 +106,14 @@ def _gguf_info(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     v_len = scalar(gguf.Keys.Attention.VALUE_LENGTH.format(arch=arch)) or k_len
     return {"arch": arch,
             "lorc_version": scalar(constants.KEY_VERSION) or 0,
+            "n_layer": scalar(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)),
             "n_ctx_train": scalar(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
             "key_rank": array(constants.key_rank_key(arch)),
             "value_rank": array(constants.value_rank_key(arch)),
             "key_width": n_head_kv * k_len if n_head_kv and k_len else None,
-            "value_width": n_head_kv * v_len if n_head_kv and v_len else None}
+            "value_width": n_head_kv * v_len if n_head_kv and v_len else None,
+            "sink_tokens": scalar(constants.KEY_SINK_TOKENS) or 0,
+            "recent_window": scalar(constants.KEY_RECENT_WINDOW) or 0}
 
 
 def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -118,6 +122,20 @@ def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     for an ordinary model) and the dense ``key_width``/``value_width`` (n_head_kv * head_dim)."""
     st = os.stat(path)
     return dict(_gguf_info(str(Path(path).resolve()), st.st_mtime_ns, st.st_size))
+
+
+def hybrid_in_effect(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(sink tokens, recent window) of the hybrid cache the runtime gives a file: its
+    lorc.sink_tokens / lorc.recent_window unless LLAMA_LORC_SINK_TOKENS / LLAMA_LORC_RECENT_WINDOW
+    override them; (0, 0) for a plain latent cache or an ordinary model."""
+    info = gguf_info(path)
+    if not info["lorc_version"]:
+        return 0, 0
+    values = [info["sink_tokens"], info["recent_window"]]
+    for i, env in enumerate(HYBRID_ENV):
+        if os.environ.get(env) is not None:
+            values[i] = int(os.environ[env])
+    return values[0], values[1]
 
 
 def lorc_ranks(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -324,13 +342,53 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return mean, se
 
 
-def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> tuple[float, float]:
-    """(raw, KV-only) bytes per token from the runtime's sequence state; KV-only drops the per-cell
-    metadata llama.cpp serializes next to the rows."""
+@dataclass(frozen=True)
+class KvBytes:
+    """KV bytes from the runtime's sequence state. ``raw``/``per_token``: what a sequence grows by
+    per token, with and without the per-cell metadata llama.cpp serializes next to the rows. A
+    hybrid cache adds ``exact_cells`` (sinks + window) at ``exact_bytes_per_cell`` each (KV-only),
+    a fixed amount per sequence rather than per token."""
+
+    raw: float
+    per_token: float
+    exact_cells: int = 0
+    exact_bytes_per_cell: float = 0.0
+
+    @property
+    def exact_bytes(self) -> float:
+        return self.exact_cells * self.exact_bytes_per_cell
+
+    def sequence_bytes(self, n_tokens: int) -> float:
+        """KV-only bytes of one sequence of ``n_tokens`` tokens."""
+        return n_tokens * self.per_token + min(self.exact_cells, n_tokens) * self.exact_bytes_per_cell
+
+
+def _cache_bytes_per_value(cache_type: str) -> float:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(CACHE_TYPES[cache_type])]
+    return size / block
+
+
+def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> KvBytes:
+    """Bytes per token from the growth of the runtime's sequence state over a short probe.
+
+    A hybrid cache serializes only the exact cells a query can still see, so while the probe runs
+    its exact store grows and then stops at sinks + window: the per-token figure is measured on the
+    same file as a plain latent cache (the runtime's 0/0 override), and the exact cells, full-width
+    K and V of every layer in the session's cache types, are reported per sequence."""
     probe = list(tokens[:min(KV_PROBE_TOKENS, session.params.n_ctx)])
-    raw = session.kv_bytes_per_token(probe)
-    session.clear()
-    return raw, raw - CELL_METADATA_BYTES
+    sinks, window = hybrid_in_effect(session.path)
+    if not sinks + window:
+        raw = session.kv_bytes_per_token(probe)
+        session.clear()
+        return KvBytes(raw, raw - CELL_METADATA_BYTES)
+    with hybrid_override(0, 0), Session(session.path, session.params) as plain:
+        latent = plain.kv_bytes_per_token(probe)
+    info = gguf_info(session.path)
+    per_cell = info["n_layer"] * (info["key_width"] * _cache_bytes_per_value(session.params.cache_type_k) +
+                                  info["value_width"] * _cache_bytes_per_value(session.params.cache_type_v))
+    return KvBytes(latent, latent - CELL_METADATA_BYTES, sinks + window, per_cell)
 
 
 def decode_chunk(session: Session, chunk: Sequence[int], first: int, decode_tail: int = 0) -> np.ndarray:
@@ -371,7 +429,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
         with open_session(config, ctx, n_batch, threads) as s:
             tokens = s.tokenize(text, add_bos=False)
             chunks = make_chunks(tokens, ctx, n_chunks, bos_token(s))
-            kv_raw, kv = measure_kv_bytes(s, chunks[0])
+            kv = measure_kv_bytes(s, chunks[0])
             same_tokens = base_tokens is None or tokens[:len(chunks) * ctx] == base_tokens
             scores = _Scores()
             for c, chunk in enumerate(chunks):
@@ -391,7 +449,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
                     log(f"[{config.label}] chunk {c + 1}/{len(chunks)} ppl so far {so_far:.4f}")
         if idx == 0:
             base_tokens = tokens[:len(chunks) * ctx]
-            base_kv = kv
+            base_kv = kv.per_token
         nll = np.concatenate(scores.nll)
         nll_mean, nll_se = _mean_se(nll)
         ppl = math.exp(nll_mean)
@@ -403,9 +461,12 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
             "nll": nll_mean,
             "ppl": ppl,
             "ppl_stderr": ppl * nll_se,
-            "kv_bytes_per_token_raw": kv_raw,
-            "kv_bytes_per_token": kv,
-            "kv_ratio": kv / base_kv if base_kv else None,
+            "kv_bytes_per_token_raw": kv.raw,
+            "kv_bytes_per_token": kv.per_token,
+            "kv_ratio": kv.per_token / base_kv if base_kv else None,
+            "kv_exact_cells": kv.exact_cells,
+            "kv_exact_bytes": kv.exact_bytes,
+            "kv_bytes_at_ctx": kv.sequence_bytes(ctx),
             "kl_mean": None, "kl_stderr": None, "top1_agreement": None,
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -434,18 +495,23 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
 
 
 def format_eval_table(report: dict[str, Any]) -> str:
-    rows = [("model", "cache", "FA", "KV B/tok", "raw B/tok", "KV ratio", "PPL", "± se", "KL", "top-1")]
+    rows = [("model", "cache", "FA", "KV B/tok", "raw B/tok", "KV ratio", "exact", f"@{report['ctx']}",
+             "PPL", "± se", "KL", "top-1")]
+    base_seq = report["models"][0]["kv_bytes_at_ctx"]
     for m in report["models"]:
         rows.append((m["label"], f"{m['cache_type_k']}/{m['cache_type_v']}" if m["cache_type_k"] != m["cache_type_v"]
                      else m["cache_type_k"], "on" if m["flash_attn"] else "off",
                      f"{m['kv_bytes_per_token']:.0f}", f"{m['kv_bytes_per_token_raw']:.0f}",
-                     f"{m['kv_ratio']:.3f}", f"{m['ppl']:.4f}", f"{m['ppl_stderr']:.4f}",
+                     f"{m['kv_ratio']:.3f}", str(m["kv_exact_cells"]) if m["kv_exact_cells"] else "-",
+                     f"{m['kv_bytes_at_ctx'] / base_seq:.3f}", f"{m['ppl']:.4f}", f"{m['ppl_stderr']:.4f}",
                      "-" if m["kl_mean"] is None else f"{m['kl_mean']:.4f}",
                      "-" if m["top1_agreement"] is None else f"{100 * m['top1_agreement']:.1f}%"))
     text = _table(rows, right_from=3)
     first = report["models"][0]
     return (f"{text}\n{report['ctx']}-token chunks x {first['n_chunks']}, {first['n_scored']} scored tokens per "
-            f"model; KL and top-1 against {report['baseline']}; KV ratio of KV-only bytes")
+            f"model; KL and top-1 against {report['baseline']}; KV ratio of KV-only bytes per token; exact = "
+            f"cells a hybrid cache keeps at full width per sequence (sinks + window); @{report['ctx']} = "
+            f"KV-only bytes of a {report['ctx']}-token sequence against the baseline's")
 
 
 def _table(rows: Sequence[Sequence[str]], right_from: int = 1) -> str:

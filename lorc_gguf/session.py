@@ -9,6 +9,7 @@ import ctypes
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -99,6 +100,7 @@ class Session:
     def __init__(self, model_path: str | os.PathLike, params: SessionParams = SessionParams()):
         lib = _lib()
         self.lib = lib
+        self.path = Path(model_path)
         self.params = params
         mparams = lib.llama_model_default_params()
         self.model = lib.llama_model_load_from_file(str(model_path).encode(), mparams)

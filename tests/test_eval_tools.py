@@ -18,7 +18,7 @@ from lorc_gguf import convert, constants
 from lorc_gguf import evaluate as ev
 from lorc_gguf.bench import bench_main
 from lorc_gguf.plots import pareto_front, plot_main
-from lorc_gguf.session import Session, SessionParams
+from lorc_gguf.session import Session, SessionParams, hybrid_override
 
 pytest.importorskip("llama_cpp")
 
@@ -53,6 +53,25 @@ def assert_png(path: Path) -> None:
     width, height = struct.unpack(">II", data[16:24])
     assert width > 100 and height > 100
     assert data[-8:-4] == b"IEND"
+
+
+def test_hybrid_kv_bytes_count_the_exact_cells_per_sequence(pair, tmp_path):
+    # a hybrid file's latent rows grow per token like the plain file's; its exact store adds
+    # S + W full-width cells per sequence (f16 K and V of every layer), not per token. The old
+    # 128-token probe counted every probe token in both stores (ratio ~1.5 for W >= 128)
+    original, lorc = pair
+    hybrid = tmp_path / "hybrid.gguf"
+    convert(original, hybrid, allocation="progressive", ratio=0.5, progress=False, sink_tokens=4, recent_window=8)
+    configs = [ev.ModelConfig(p, flash_attn=False, label=p.stem) for p in (original, lorc, hybrid)]
+    report = ev.evaluate(configs, ev.eval_text(), ctx=CTX, n_chunks=1, threads=1)
+    base, plain, hyb = report["models"]
+    assert hyb["kv_bytes_per_token"] == plain["kv_bytes_per_token"] < base["kv_bytes_per_token"]
+    assert plain["kv_exact_cells"] == 0 and hyb["kv_exact_cells"] == 4 + 8
+    assert hyb["kv_exact_bytes"] == (4 + 8) * N_LAYER * 2 * D_KV * 2
+    assert hyb["kv_bytes_at_ctx"] == CTX * hyb["kv_bytes_per_token"] + hyb["kv_exact_bytes"]
+    with hybrid_override(0, 0):  # the runtime's override turns the file into a plain latent cache
+        assert ev.hybrid_in_effect(hybrid) == (0, 0)
+    assert ev.hybrid_in_effect(hybrid) == (4, 8)
 
 
 def test_calibration_and_eval_text_are_disjoint_halves():

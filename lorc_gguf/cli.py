@@ -62,6 +62,10 @@ def convert_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recent-window", type=int, default=0, metavar="W",
                     help="hybrid cache: the last W positions are attended through exact K/V (default 0; "
                          "the runtime's LLAMA_LORC_SINK_TOKENS / LLAMA_LORC_RECENT_WINDOW override both)")
+    ap.add_argument("--decode-top-k", type=int, default=0, metavar="K",
+                    help="selective reconstruction by default: a decoded token rebuilds only the K latent keys "
+                         "per layer that score best in latent space (default 0 = every key; the runtime's "
+                         "LLAMA_LORC_TOP_K overrides it). A wider --recent-window lets a smaller K keep quality")
     aw = ap.add_argument_group("activation-aware factorization (minimise the K/V output error on real inputs)")
     aw.add_argument("--method", choices=list(aware.METHODS),
                     help="svd: data-free truncated SVD (the paper; default without statistics). svd-diag-act: SVD "
@@ -103,6 +107,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                          method=args.method, calibration=args.calibration, calib_tokens=args.calib_tokens,
                          imatrix=args.imatrix, ridge=args.ridge, center=args.center, out_weight=args.out_weight,
                          sink_tokens=args.sink_tokens, recent_window=args.recent_window,
+                         decode_top_k=args.decode_top_k,
                          log=lambda msg: print(f"notice: {msg}", file=sys.stderr))
     except LorcError as e:
         _err(str(e))

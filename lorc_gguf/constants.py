@@ -15,6 +15,9 @@ KEY_ALLOCATION = "lorc.allocation"  # string: "progressive", "uniform", "explici
 KEY_METHOD = "lorc.method"  # string: "svd" (data-free) or an activation-aware method name
 KEY_SINK_TOKENS = "lorc.sink_tokens"  # uint32, hybrid cache default (issue 9)
 KEY_RECENT_WINDOW = "lorc.recent_window"  # uint32, hybrid cache default (issue 9)
+# uint32, selective reconstruction default for decoding (issue 8): a decoded token rebuilds only
+# this many latent keys per layer, 0 = every key; optional (older files lack it: 0)
+KEY_DECODE_TOP_K = "lorc.decode_top_k"
 
 # per-layer ranks, uint32 arrays of length block_count; value == n_embd_k_gqa / n_embd_v_gqa
 # means the layer is not factorized (keeps attn_k / attn_v)

@@ -73,6 +73,9 @@ class ConvertOptions:
     # > 0 keeps each factorized layer's dense attn_k/attn_v in the file for those cells
     sink_tokens: int = 0
     recent_window: int = 0
+    # selective reconstruction (runtime): a decoded token rebuilds only this many latent keys per
+    # layer, those scoring best in latent space (0 = every key)
+    decode_top_k: int = 0
 
     def validated(self) -> ConvertOptions:
         allocation = allocate.EXPLICIT if self.ranks is not None else self.allocation
@@ -92,7 +95,8 @@ class ConvertOptions:
         if allocation != allocate.EXPLICIT and self.rank_multiple % block != 0:
             raise LorcError(f"{self.outtype} factors need ranks in multiples of {block}; "
                             f"--rank-multiple {self.rank_multiple} is not one")
-        for name, value in (("sink tokens", self.sink_tokens), ("recent window", self.recent_window)):
+        for name, value in (("sink tokens", self.sink_tokens), ("recent window", self.recent_window),
+                            ("decode top-k", self.decode_top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
                 raise LorcError(f"{name} must be an integer in [0, 1000000], got {value!r}")
         hybrid = self.sink_tokens > 0 or self.recent_window > 0
@@ -121,7 +125,8 @@ class ConvertOptions:
                               # layer's bias to its exact K/V too, so a hybrid file keeps the source's
                               ridge=float(self.ridge), center=bool(self.center) and not hybrid,
                               out_weight=bool(self.out_weight), value_weight=float(self.value_weight),
-                              sink_tokens=self.sink_tokens, recent_window=self.recent_window)
+                              sink_tokens=self.sink_tokens, recent_window=self.recent_window,
+                              decode_top_k=self.decode_top_k)
 
     @property
     def aware(self) -> aware.AwareOptions:
@@ -174,6 +179,17 @@ def _ratio_notices(allocation: Allocation, options: ConvertOptions) -> list[str]
     return [f"{what} width kept is {got:.3f}, not the requested {want:.3f}: ranks are limited to "
             f"[{RankGrid(options.rank_multiple).floor(min(allocation.key_width))}, width] in steps of "
             f"{options.rank_multiple}" for what, want, got in checks if abs(got - want) > RATIO_NOTICE_TOLERANCE]
+
+
+def _top_k_notices(arch: str, allocation: Allocation, options: ConvertOptions) -> list[str]:
+    # written anyway: the file still says what it was made for, and the runtime ignores it alike
+    if options.decode_top_k == 0:
+        return []
+    if all(r >= w for r, w in zip(allocation.key_rank, allocation.key_width)):
+        return ["--decode-top-k has no effect on this file: no layer's keys are latent"]
+    if arch == "gemma3":
+        return ["--decode-top-k has no effect on gemma3: the runtime's latent-space score ignores the key norm"]
+    return []
 
 
 class _Weighting:
@@ -297,13 +313,14 @@ def _plan_tensors(model: SourceModel, allocation: Allocation, qtype: gguf.GGMLQu
 
 
 def _lorc_metadata(arch: str, allocation: Allocation, method: str = "svd", sink_tokens: int = 0,
-                   recent_window: int = 0) -> list[MetadataItem]:
+                   recent_window: int = 0, decode_top_k: int = 0) -> list[MetadataItem]:
     return [
         MetadataItem(constants.KEY_VERSION, constants.LORC_FORMAT_VERSION, VT.UINT32),
         MetadataItem(constants.KEY_ALLOCATION, allocation.method, VT.STRING),
         MetadataItem(constants.KEY_METHOD, method, VT.STRING),
         MetadataItem(constants.KEY_SINK_TOKENS, sink_tokens, VT.UINT32),
         MetadataItem(constants.KEY_RECENT_WINDOW, recent_window, VT.UINT32),
+        MetadataItem(constants.KEY_DECODE_TOP_K, decode_top_k, VT.UINT32),
         MetadataItem(constants.key_rank_key(arch), list(allocation.key_rank), VT.ARRAY, VT.UINT32),
         MetadataItem(constants.value_rank_key(arch), list(allocation.value_rank), VT.ARRAY, VT.UINT32),
     ]
@@ -417,7 +434,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         stats = _statistics(model, opts, notice)
         weighting = _Weighting(model, stats, opts.aware)
         allocation = _allocate(model, spectra, opts, weighting)
-        for msg in _ratio_notices(allocation, opts):
+        for msg in _ratio_notices(allocation, opts) + _top_k_notices(model.shape.architecture, allocation, opts):
             notice(msg)
 
         qtype = OUTTYPES[opts.outtype]
@@ -425,7 +442,8 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         hybrid = opts.sink_tokens > 0 or opts.recent_window > 0
         plan = _plan_tensors(model, allocation, qtype, errors, weighting, keep_dense=hybrid)
         metadata = copy_metadata(model.reader) + _lorc_metadata(model.shape.architecture, allocation, opts.method,
-                                                                opts.sink_tokens, opts.recent_window)
+                                                                opts.sink_tokens, opts.recent_window,
+                                                                opts.decode_top_k)
         alignment = model.meta.get(gguf.Keys.General.ALIGNMENT)
         write_gguf(dst_path, model.shape.architecture, metadata, plan, alignment=alignment, progress=opts.progress)
         bytes_in = gguf_path.stat().st_size

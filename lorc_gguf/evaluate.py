@@ -113,7 +113,8 @@ def _gguf_info(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
             "key_width": n_head_kv * k_len if n_head_kv and k_len else None,
             "value_width": n_head_kv * v_len if n_head_kv and v_len else None,
             "sink_tokens": scalar(constants.KEY_SINK_TOKENS) or 0,
-            "recent_window": scalar(constants.KEY_RECENT_WINDOW) or 0}
+            "recent_window": scalar(constants.KEY_RECENT_WINDOW) or 0,
+            "decode_top_k": scalar(constants.KEY_DECODE_TOP_K) or 0}
 
 
 def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -138,6 +139,17 @@ def hybrid_in_effect(path: str | os.PathLike[str]) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def top_k_in_effect(path: str | os.PathLike[str]) -> int:
+    """The selective-reconstruction k the runtime gives a file's decoded tokens: its
+    lorc.decode_top_k unless LLAMA_LORC_TOP_K overrides it; 0 (every key) for an ordinary model."""
+    info = gguf_info(path)
+    if not info["lorc_version"]:
+        return 0
+    if os.environ.get(TOP_K_ENV) is not None:
+        return _env_top_k()
+    return info["decode_top_k"]
+
+
 def lorc_ranks(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """``{"arch", "key_rank", "value_rank", "key_width", "value_width"}`` of a LoRC GGUF, None for
     an ordinary model."""
@@ -157,7 +169,7 @@ class ModelConfig:
     cache_type_v: str = "f16"
     flash_attn: bool | None = None
     label: str = ""
-    lorc_top_k: int | None = None  # LLAMA_LORC_TOP_K for a LoRC model (None: the environment's)
+    lorc_top_k: int | None = None  # LLAMA_LORC_TOP_K for a LoRC model (None: the file's or the environment's)
 
     @property
     def fa(self) -> bool:
@@ -176,7 +188,7 @@ class ModelConfig:
     def describe(self) -> dict[str, Any]:
         return {"label": self.label, "path": str(self.path), "cache_type_k": self.cache_type_k,
                 "cache_type_v": self.cache_type_v, "flash_attn": self.fa,
-                "lorc_top_k": self.lorc_top_k if self.lorc_top_k is not None else _env_top_k()}
+                "lorc_top_k": self.lorc_top_k if self.lorc_top_k is not None else top_k_in_effect(self.path)}
 
 
 def _env_top_k() -> int:

@@ -344,8 +344,8 @@ def generate(spec: Spec, seed: int = 0, tag: str = "") -> list[Mutant]:
                  f"layer 0 {side} rank {new_rank} in metadata and tensors", LOADED,
                  lambda m, side=side, new_rank=new_rank: lower_rank(m, side, 0, new_rank))
 
-    # -- hybrid defaults (lorc.sink_tokens / lorc.recent_window)
-    for key in (constants.KEY_SINK_TOKENS, constants.KEY_RECENT_WINDOW):
+    # -- runtime defaults (lorc.sink_tokens / lorc.recent_window / lorc.decode_top_k)
+    for key in (constants.KEY_SINK_TOKENS, constants.KEY_RECENT_WINDOW, constants.KEY_DECODE_TOP_K):
         short = key.split(".")[1]
         for label, value, vtype, expect in (("huge", U32_MAX, VT.UINT32, None), ("i32max", 2**31 - 1, VT.UINT32, None),
                                             ("i32min", 2**31, VT.UINT32, None), ("n_ctx", 64, VT.UINT32, LOADED),

@@ -75,6 +75,7 @@ def test_smollm2_progressive_half_width(smollm2_lorc, smollm2_readers) -> None:
     assert field(lorc, constants.KEY_ALLOCATION) == "progressive"
     assert field(lorc, constants.KEY_METHOD) == "svd"
     assert field(lorc, constants.KEY_SINK_TOKENS) == 0 and field(lorc, constants.KEY_RECENT_WINDOW) == 0
+    assert field(lorc, constants.KEY_DECODE_TOP_K) == 0
     key_rank = field(lorc, constants.key_rank_key("llama"))
     value_rank = field(lorc, constants.value_rank_key("llama"))
     assert key_rank == report["key_rank"] and value_rank == report["value_rank"]
@@ -328,5 +329,13 @@ def test_report_tool(wide_gguf: Path, tmp_path: Path) -> None:
     assert len(info["kappa"]["key"]) == 6  # from the JSON report beside the file
     text = subprocess.run([*tool, str(out)], capture_output=True, text=True, check=True).stdout
     assert "128/256" in text and "bytes/token" in text
+    assert "runtime defaults: plain latent cache; decoding rebuilds every latent key" in text
+    assert info["sink_tokens"] == info["recent_window"] == info["decode_top_k"] == 0
+    tuned = tmp_path / "t.gguf"
+    convert(wide_gguf, tuned, allocation="uniform", ratio=0.5, progress=False, sink_tokens=4, recent_window=512,
+            decode_top_k=128)
+    text = subprocess.run([*tool, str(tuned)], capture_output=True, text=True, check=True).stdout
+    assert ("runtime defaults: hybrid cache, 4 sink tokens + 512 recent exact; decoding rebuilds the 128 best "
+            "latent keys") in text
     dense = subprocess.run([*tool, str(wide_gguf)], capture_output=True, text=True, check=True).stdout
     assert "not LoRC-converted" in dense

@@ -69,6 +69,8 @@ CASES: list[Case] = [
      "not a multiple of 32"),
     ("truncated-gguf", lambda m, l, q, d: [str(_truncated(m, d, 3_000_000)), str(d / "out.gguf")], "unreadable GGUF"),
     ("truncated-header", lambda m, l, q, d: [str(_truncated(m, d, 100)), str(d / "out.gguf")], "unreadable GGUF"),
+    ("decode-top-k-negative", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--decode-top-k=-1"],
+     "decode top-k must be an integer in [0, 1000000], got -1"),
     ("out-equals-model", lambda m, l, q, d: [str(m), str(m)], "OUT is the same file as MODEL"),
     ("out-folder-missing", lambda m, l, q, d: [str(m), str(d / "missing" / "out.gguf")],
      "the folder of OUT does not exist"),
@@ -152,3 +154,15 @@ def test_values_only_preset(tiny_llama_gguf: Path, tmp_path: Path, capsys: pytes
         convert_main([str(tiny_llama_gguf), str(tmp_path / "x.gguf"), "--values-only", "--key-ratio", "0.5"])
     assert "drop --key-ratio" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_decode_top_k_without_latent_keys_is_noticed(tiny_llama_gguf: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A file whose keys are all dense has nothing to select: --decode-top-k converts but says so."""
+    out = tmp_path / "v.gguf"
+    assert convert_main([str(tiny_llama_gguf), str(out), "--uniform", "--values-only", "--ratio", "0.5",
+                         "--decode-top-k", "64", "--no-progress", "--quiet"]) == 0
+    assert "--decode-top-k has no effect on this file: no layer's keys are latent" in capsys.readouterr().err
+    assert convert_main([str(tiny_llama_gguf), str(tmp_path / "k.gguf"), "--uniform", "--ratio", "0.5",
+                         "--decode-top-k", "64", "--no-progress", "--quiet"]) == 0
+    assert "--decode-top-k" not in capsys.readouterr().err

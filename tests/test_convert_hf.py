@@ -66,7 +66,8 @@ def test_hf_metadata_equals_the_official_converter(lorc_from_hf, official_gguf: 
         assert ours.fields[key].contents() == f.contents(), key
     extra = {k for k in ours.fields if not k.startswith("GGUF.")} - set(expected)
     assert extra == {constants.KEY_VERSION, constants.KEY_ALLOCATION, constants.KEY_METHOD, constants.KEY_SINK_TOKENS,
-                     constants.KEY_RECENT_WINDOW, constants.key_rank_key("llama"), constants.value_rank_key("llama")}
+                     constants.KEY_RECENT_WINDOW, constants.KEY_DECODE_TOP_K, constants.key_rank_key("llama"),
+                     constants.value_rank_key("llama")}
     # and the folder's tokenizer really is SmolLM2's
     smol = FastGGUFReader(smollm2_path)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre"):

@@ -12,7 +12,8 @@ import pytest
 
 import synth
 from lorc_gguf import convert
-from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs, top_k_override
+from lorc_gguf.evaluate import top_k_in_effect
+from lorc_gguf.session import TOP_K_ENV, Session, SessionParams, hybrid_override, silence_llama_logs, top_k_override
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()
@@ -28,11 +29,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("topk")
     original = synth.make_llama_gguf(d / "original.gguf", n_layer=3, n_embd=256, n_head=8, n_head_kv=2,
                                      head_dim=64, n_ff=512, seed=11)
-    plain, hybrid = d / "plain.gguf", d / "hybrid.gguf"
+    plain, hybrid, hybrid_top_k = d / "plain.gguf", d / "hybrid.gguf", d / "hybrid-top-k.gguf"
     convert(original, plain, allocation="uniform", ratio=0.5, outtype="f32", progress=False)
     convert(original, hybrid, allocation="uniform", ratio=0.5, outtype="f32", progress=False,
             sink_tokens=4, recent_window=8)
-    return {"plain": plain, "hybrid": hybrid}
+    convert(original, hybrid_top_k, allocation="uniform", ratio=0.5, outtype="f32", progress=False,
+            sink_tokens=4, recent_window=8, decode_top_k=FEW)
+    return {"plain": plain, "hybrid": hybrid, "hybrid-top-k": hybrid_top_k}
 
 
 def prompt(seed: int = 0) -> list[int]:
@@ -82,3 +85,24 @@ def test_hybrid_override_and_top_k_compose(models):
         _, a = decode_steps(models["hybrid"], FEW, tokens)
     _, b = decode_steps(models["plain"], FEW, tokens)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_file_s_decode_top_k_is_the_default_and_the_variable_overrides_it(models, monkeypatch):
+    # lorc.decode_top_k (convert --decode-top-k) is the runtime's k when LLAMA_LORC_TOP_K is unset;
+    # the variable overrides it, 0 included. The file holds the same tensors as "hybrid", so each
+    # pair below runs the same graph on the same weights: equal to the bit
+    monkeypatch.delenv(TOP_K_ENV, raising=False)
+    tokens = prompt(4)
+    assert top_k_in_effect(models["hybrid-top-k"]) == FEW and top_k_in_effect(models["hybrid"]) == 0
+    with top_k_override(None), Session(models["hybrid-top-k"],
+                                       SessionParams(n_ctx=512, cache_type_k="f32", cache_type_v="f32")) as s:
+        s.decode_seq(tokens[:PREFILL])
+        default = np.stack([s.decode_seq([t], pos0=PREFILL + i)[0] for i, t in enumerate(tokens[PREFILL:])])
+    _, few = decode_steps(models["hybrid"], FEW, tokens)
+    _, full = decode_steps(models["hybrid"], None, tokens)
+    _, overridden = decode_steps(models["hybrid-top-k"], 0, tokens)
+    np.testing.assert_array_equal(default, few)
+    np.testing.assert_array_equal(overridden, full)
+    assert np.abs(default - full).max() > 0.05  # the file's k did select (as in the small-k test)
+    with top_k_override(0):
+        assert top_k_in_effect(models["hybrid-top-k"]) == 0

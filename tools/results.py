@@ -11,6 +11,8 @@ Steps (each a command of its own, printed as it runs):
  3. two conversions of the embedded SmolLM2 with the calibration statistics of (1):
       lorc-0.5.gguf     calibrated, sensitivity ranks, KV width 0.5, hybrid 4 + 64 (the demo's file)
       lorc-vfast.gguf   the decode-speed preset: keys dense, values at 0.25 (width 0.625), hybrid
+      lorc-0.5-fast.gguf  the first with a 512-token exact window and k = 128 selected keys as the
+                        file's decoding default (--recent-window 512 --decode-top-k 128)
     and the rank plot of the first -> results/ranks.png
  4. tools/bench.py          -> results/bench.json, results/speed.png (original and both files, flash
     attention off for all: see the comment at the call), and again with the plain latent cache
@@ -21,6 +23,8 @@ Steps (each a command of its own, printed as it runs):
  6. the recent window as a decode-speed lever: the file with latent keys with a wider exact window
     (LLAMA_LORC_RECENT_WINDOW, for each of WINDOWS) and fewer selected cells, quality as in (5)
     -> results/topk-w{W}.json/md, and speed at 4K -> results/bench-w{W}.json/md
+ 7. the same decode-tail evaluation at 8K (2 chunks) of lorc-0.5-fast.gguf, every key rebuilt and
+    k = 256 / 128 -> results/topk-8k-w512.json/md
 
 The backend is the installed runtime's: on a GPU machine build it with
 `tools/build_runtime.py --cuda` first; bench.json records the machine and backend.
@@ -78,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     stats = sorted(work.glob("stats-*.npz"))
     if not stats:
         sys.exit(f"error: no calibration statistics in {work}: run without --skip-quality first")
-    common = ["--calibration", stats[-1], "--sink-tokens", "4", "--recent-window", "64", "--no-progress", "--quiet"]
+    common = ["--calibration", stats[-1], "--sink-tokens", "4", "--no-progress", "--quiet"]
     main_file, fast_file = work / "lorc-0.5.gguf", work / "lorc-vfast.gguf"
-    run([py, "tools/convert.py", model, main_file, "--sensitivity", "--ratio", "0.5", *common])
-    run([py, "tools/convert.py", model, fast_file, "--sensitivity", "--values-only", "--ratio", "0.25", *common])
+    window_file = work / "lorc-0.5-fast.gguf"
+    run([py, "tools/convert.py", model, main_file, "--sensitivity", "--ratio", "0.5", "--recent-window", "64", *common])
+    run([py, "tools/convert.py", model, fast_file, "--sensitivity", "--values-only", "--ratio", "0.25",
+         "--recent-window", "64", *common])
+    run([py, "tools/convert.py", model, window_file, "--sensitivity", "--ratio", "0.5", "--recent-window", "512",
+         "--decode-top-k", "128", *common])
     run([py, "tools/plot.py", "ranks", main_file, out / "ranks.png"])
 
     # flash attention off for every configuration: llama.cpp's CPU flash-attention kernel with an
@@ -112,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             stdout=out / f"topk-w{window}.md")
         run([*env, py, "tools/bench.py", model, main_file, "--ctx", "4096", *bench_opts, "--lorc-top-k", WINDOW_TOP_K,
              "--json", out / f"bench-w{window}.json"], stdout=out / f"bench-w{window}.md")
+    # whether k still keeps quality at twice the context (SmolLM2's training length); --lorc-top-k
+    # overrides the fast file's own k = 128 for the other rows
+    run([py, "tools/eval.py", model, window_file, "--ctx", "8192", "--chunks", "2", "--decode-tail", "256",
+         "--flash-attn", "off", "--lorc-top-k", WINDOW_TOP_K, "--quiet", "--json", out / "topk-8k-w512.json"],
+        stdout=out / "topk-8k-w512.md")
     print(f"results in {out}: quality.md/json/png, bench.md/json, bench-plain.md/json, topk.md/json, "
-          "topk-w*.md/json, bench-w*.md/json, speed.png, ranks.png", file=sys.stderr)
+          "topk-w*.md/json, bench-w*.md/json, topk-8k-w512.md/json, speed.png, ranks.png", file=sys.stderr)
     return 0
 
 

@@ -125,29 +125,28 @@ def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(_gguf_info(str(Path(path).resolve()), st.st_mtime_ns, st.st_size))
 
 
+def _runtime_default(path: str | os.PathLike[str], key: str, env: str) -> int:
+    """A runtime default as the runtime resolves it at load: the file's ``key`` (a gguf_info
+    field) unless the environment variable ``env`` overrides it; 0 for an ordinary model."""
+    info = gguf_info(path)
+    if not info["lorc_version"]:
+        return 0
+    value = os.environ.get(env)
+    return info[key] if value is None else int(value)
+
+
 def hybrid_in_effect(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(sink tokens, recent window) of the hybrid cache the runtime gives a file: its
     lorc.sink_tokens / lorc.recent_window unless LLAMA_LORC_SINK_TOKENS / LLAMA_LORC_RECENT_WINDOW
     override them; (0, 0) for a plain latent cache or an ordinary model."""
-    info = gguf_info(path)
-    if not info["lorc_version"]:
-        return 0, 0
-    values = [info["sink_tokens"], info["recent_window"]]
-    for i, env in enumerate(HYBRID_ENV):
-        if os.environ.get(env) is not None:
-            values[i] = int(os.environ[env])
-    return values[0], values[1]
+    sinks, window = (_runtime_default(path, key, env) for key, env in zip(("sink_tokens", "recent_window"), HYBRID_ENV))
+    return sinks, window
 
 
 def top_k_in_effect(path: str | os.PathLike[str]) -> int:
     """The selective-reconstruction k the runtime gives a file's decoded tokens: its
     lorc.decode_top_k unless LLAMA_LORC_TOP_K overrides it; 0 (every key) for an ordinary model."""
-    info = gguf_info(path)
-    if not info["lorc_version"]:
-        return 0
-    if os.environ.get(TOP_K_ENV) is not None:
-        return _env_top_k()
-    return info["decode_top_k"]
+    return _runtime_default(path, "decode_top_k", TOP_K_ENV)
 
 
 def lorc_ranks(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -189,13 +188,6 @@ class ModelConfig:
         return {"label": self.label, "path": str(self.path), "cache_type_k": self.cache_type_k,
                 "cache_type_v": self.cache_type_v, "flash_attn": self.fa,
                 "lorc_top_k": self.lorc_top_k if self.lorc_top_k is not None else top_k_in_effect(self.path)}
-
-
-def _env_top_k() -> int:
-    try:
-        return int(os.environ.get(TOP_K_ENV) or 0)
-    except ValueError:
-        return 0
 
 
 def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:

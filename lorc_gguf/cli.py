@@ -32,8 +32,10 @@ def convert_parser() -> argparse.ArgumentParser:
     ap.add_argument("out", metavar="OUT", help="output GGUF; the JSON report goes to OUT" + ".lorc.json")
     rule = ap.add_mutually_exclusive_group()
     rule.add_argument("--progressive", dest="allocation", action="store_const", const=allocate.PROGRESSIVE,
-                      help="rank follows the cumulative condition number, deeper layers compressed more "
-                           "(the default)")
+                      help="the default: the LoRC paper's progressive rule, shallow layers keep more rank. Calibrated, "
+                           "each layer's output error is weighted by how much the layers above it can amplify it "
+                           "(cumulative condition number of the whitened weights) and the ranks minimise the "
+                           "weighted error; with --data-free, the paper's linear ramp")
     rule.add_argument("--uniform", dest="allocation", action="store_const", const=allocate.UNIFORM,
                       help="the same fraction of every layer's width")
     rule.add_argument("--sensitivity", dest="allocation", action="store_const", const=aware.SENSITIVITY,
@@ -56,24 +58,32 @@ def convert_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rank-multiple", type=int, default=constants.RANK_MULTIPLE,
                     help=f"round ranks to multiples of this (default {constants.RANK_MULTIPLE}; q8_0 needs 32)")
     ap.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="type of the factors (default f16)")
-    ap.add_argument("--sink-tokens", type=int, default=0, metavar="S",
-                    help="hybrid cache: the first S positions are attended through exact K/V (keeps the "
-                         "dense attn_k/attn_v in the file; default 0)")
-    ap.add_argument("--recent-window", type=int, default=0, metavar="W",
-                    help="hybrid cache: the last W positions are attended through exact K/V (default 0; "
-                         "the runtime's LLAMA_LORC_SINK_TOKENS / LLAMA_LORC_RECENT_WINDOW override both)")
+    ap.add_argument("--data-free", action="store_true",
+                    help="the LoRC paper's method as published: truncated SVD of the weights alone (no calibration, "
+                         "lorc.method = svd), the paper's progressive ranks, the plain latent cache (unless "
+                         "--sink-tokens/--recent-window). Measured far worse than the defaults (README)")
+    ap.add_argument("--sink-tokens", type=int, default=None, metavar="S",
+                    help="exact sinks: the first S positions are attended through exact K/V (keeps the dense "
+                         f"attn_k/attn_v in the file; default {constants.DEFAULT_SINK_TOKENS}, 0 with --data-free "
+                         "or for sliding-window models)")
+    ap.add_argument("--recent-window", type=int, default=None, metavar="W",
+                    help="exact window: the last W positions are attended through exact K/V (default "
+                         f"{constants.DEFAULT_RECENT_WINDOW}, 0 with --data-free or for sliding-window models; the "
+                         "runtime can override both at load time)")
     ap.add_argument("--decode-top-k", type=int, default=0, metavar="K",
                     help="selective reconstruction by default: a decoded token rebuilds only the K latent keys "
                          "per layer that score best in latent space (default 0 = every key; the runtime's "
                          "LLAMA_LORC_TOP_K overrides it). A wider --recent-window lets a smaller K keep quality")
     aw = ap.add_argument_group("activation-aware factorization (minimise the K/V output error on real inputs)")
     aw.add_argument("--method", choices=list(aware.METHODS),
-                    help="svd: data-free truncated SVD (the paper; default without statistics). svd-diag-act: SVD "
-                         "of W*diag(rms(x)) (default with --imatrix). svd-whiten: SVD of W*L, L L^T = E[x x^T] + "
-                         "ridge (default with --calibration; without it, calibrates on the built-in text)")
-    aw.add_argument("--calibration", metavar="FILE",
-                    help="calibration text (UTF-8) run through the model to measure the K/V inputs; 'builtin' = "
-                         "the first half of Python's pydoc topics; a .npz statistics cache also works")
+                    help="svd-whiten (default): SVD of W*L, L L^T = E[x x^T] + ridge, on --calibration statistics. "
+                         "svd-diag-act: SVD of W*diag(rms(x)) (default with --imatrix). svd: truncated SVD of W "
+                         "alone (data-free, the paper)")
+    aw.add_argument("--calibration", metavar="TEXT",
+                    help="what is run through the model to measure the K/V inputs: 'builtin' (default) = "
+                         "technical docs, code, chat dialogue in the model's template and encyclopedic prose in "
+                         "equal shares; some of those domains by name (docs,code,dialogue,encyclopedia); a UTF-8 "
+                         "text file; or a .npz statistics cache")
     aw.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                     help=f"calibration tokens, in chunks of 512 (default {DEFAULT_CALIB_TOKENS})")
     aw.add_argument("--imatrix", metavar="FILE",
@@ -104,7 +114,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         report = convert(args.model, args.out, allocation=args.allocation, ratio=args.ratio,
                          key_ratio=args.key_ratio, value_ratio=args.value_ratio, ranks=args.ranks,
                          rank_multiple=args.rank_multiple, outtype=args.outtype, progress=not args.no_progress,
-                         method=args.method, calibration=args.calibration, calib_tokens=args.calib_tokens,
+                         data_free=args.data_free, method=args.method, calibration=args.calibration,
+                         calib_tokens=args.calib_tokens,
                          imatrix=args.imatrix, ridge=args.ridge, center=args.center, out_weight=args.out_weight,
                          sink_tokens=args.sink_tokens, recent_window=args.recent_window,
                          decode_top_k=args.decode_top_k,

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from . import allocate, aware, constants
+from . import allocate, aware, constants, corpus
 from .calibrate import DEFAULT_CALIB_TOKENS, CalibrationStats
 from .allocate import Allocation, RankGrid
-from .arch import SIDES, Side
+from .arch import SIDES, ModelShape, Side
 from .errors import LorcError
 from .factorize import OUTTYPES, check_encodable, decode, encode, relative_error, truncated_svd
 from .hf import convert_folder, is_hf_folder
@@ -52,6 +52,9 @@ ALLOCATIONS = allocate.METHODS + (aware.SENSITIVITY,)
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """Every option of a conversion; the defaults are the best measured configuration (README,
+    "Converting"): calibrated on the built-in text, progressive ranks, exact sinks and window."""
+
     allocation: str = allocate.PROGRESSIVE
     ratio: float = 0.5
     key_ratio: float | None = None
@@ -60,19 +63,26 @@ class ConvertOptions:
     rank_multiple: int = constants.RANK_MULTIPLE
     outtype: str = "f16"
     progress: bool = True
-    # activation-aware factorization (aware.py); see convert() for how they combine
-    method: str | None = None  # None: "svd" without statistics, else the best method they allow
-    calibration: Any = None  # text FILE, "builtin", a .npz stats cache, or a CalibrationStats
+    # the LoRC paper's method: truncated SVD of the weights alone, no statistics, and (unless
+    # sink_tokens / recent_window say otherwise) the plain latent cache
+    data_free: bool = False
+    # activation-aware factorization (aware.py); see validated() for how they combine
+    method: str | None = None  # None: svd-whiten (svd-diag-act with an imatrix, svd when data-free)
+    # text FILE, "builtin" (every calibration domain of corpus), domain names "docs,code", a .npz
+    # statistics cache, or a CalibrationStats; None = "builtin" when the method needs statistics
+    calibration: Any = None
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     imatrix: str | Path | None = None  # llama.cpp importance matrix (GGUF or legacy .dat)
     ridge: float = aware.DEFAULT_RIDGE
     center: bool = False
     out_weight: bool = False
     value_weight: float = 1.0
-    # hybrid cache (runtime): exact K/V for the first sink_tokens and last recent_window positions;
-    # > 0 keeps each factorized layer's dense attn_k/attn_v in the file for those cells
-    sink_tokens: int = 0
-    recent_window: int = 0
+    # exact sinks + recent window (runtime): exact K/V for the first sink_tokens and last
+    # recent_window positions; > 0 keeps each factorized layer's dense attn_k/attn_v in the file.
+    # None: constants.DEFAULT_SINK_TOKENS / DEFAULT_RECENT_WINDOW, 0 when data-free or where the
+    # architecture cannot have them (sliding-window models)
+    sink_tokens: int | None = None
+    recent_window: int | None = None
     # selective reconstruction (runtime): a decoded token rebuilds only this many latent keys per
     # layer, those scoring best in latent space (0 = every key)
     decode_top_k: int = 0
@@ -97,36 +107,69 @@ class ConvertOptions:
                             f"--rank-multiple {self.rank_multiple} is not one")
         for name, value in (("sink tokens", self.sink_tokens), ("recent window", self.recent_window),
                             ("decode top-k", self.decode_top_k)):
+            if value is None and name != "decode top-k":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
                 raise LorcError(f"{name} must be an integer in [0, 1000000], got {value!r}")
-        hybrid = self.sink_tokens > 0 or self.recent_window > 0
         method = self.method
         if method is not None and method not in aware.METHODS:
             raise LorcError(f"unknown method '{method}' (choose from {', '.join(aware.METHODS)})")
+        if self.data_free:
+            if method not in (None, aware.SVD):
+                raise LorcError(f"--data-free is the paper's method ({aware.SVD}): drop --method {method}")
+            if self.calibration is not None or self.imatrix is not None:
+                raise LorcError("--data-free uses no statistics: drop --calibration/--imatrix")
+            method = aware.SVD
         if self.imatrix is not None and self.calibration is not None:
             raise LorcError("give either --calibration or --imatrix, not both")
         if method == aware.WHITEN and self.imatrix is not None:
             raise LorcError("an importance matrix holds per-channel mean squares only: use method "
                             f"{aware.DIAG} with --imatrix, or --calibration for {aware.WHITEN}")
         if method is None:
-            method = (aware.DIAG if self.imatrix is not None
-                      else aware.WHITEN if self.calibration is not None else aware.SVD)
+            method = aware.DIAG if self.imatrix is not None else aware.WHITEN
         if method == aware.SVD and (self.calibration is not None or self.imatrix is not None):
             raise LorcError("method svd is data-free; drop --calibration/--imatrix or choose an activation-aware method")
         if isinstance(self.calib_tokens, bool) or not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise LorcError(f"calibration tokens must be a positive integer, got {self.calib_tokens!r}")
         if not (math.isfinite(self.ridge) and self.ridge >= 0.0):
             raise LorcError(f"ridge must be >= 0, got {self.ridge}")
-        return ConvertOptions(allocation=allocation, ratio=float(self.ratio), key_ratio=self.key_ratio,
-                              value_ratio=self.value_ratio, ranks=self.ranks, rank_multiple=self.rank_multiple,
-                              outtype=self.outtype, progress=self.progress, method=method,
-                              calibration=self.calibration, calib_tokens=self.calib_tokens, imatrix=self.imatrix,
-                              # the mean correction is a bias of the latent path; the hybrid cache adds a
-                              # layer's bias to its exact K/V too, so a hybrid file keeps the source's
-                              ridge=float(self.ridge), center=bool(self.center) and not hybrid,
-                              out_weight=bool(self.out_weight), value_weight=float(self.value_weight),
-                              sink_tokens=self.sink_tokens, recent_window=self.recent_window,
-                              decode_top_k=self.decode_top_k)
+        calibration = self.calibration
+        if calibration is None and method != aware.SVD and self.imatrix is None:
+            calibration = "builtin"
+        if self.center and self.exact_cells_requested:
+            # the mean correction changes attn_k/v.bias, which the exact sink/window path also adds
+            raise LorcError("--center cannot be combined with the exact sinks / window (--sink-tokens, "
+                            "--recent-window): give both as 0")
+        return replace(self, allocation=allocation, ratio=float(self.ratio), method=method, calibration=calibration,
+                       ridge=float(self.ridge), center=bool(self.center), out_weight=bool(self.out_weight),
+                       value_weight=float(self.value_weight))
+
+    @property
+    def exact_cells_requested(self) -> bool:
+        return bool(self.sink_tokens) or bool(self.recent_window)
+
+    def for_model(self, shape: ModelShape, notice: Log) -> ConvertOptions:
+        """The exact sink/window sizes resolved for a model: given values are checked against
+        what its architecture allows, missing ones take the defaults."""
+        if shape.sliding_window > 0:
+            if self.exact_cells_requested:
+                # the runtime builds the exact store from llama.cpp's iswa pair of caches, which a
+                # sliding-window model already needs for its own local and global layers
+                raise LorcError(f"{shape.architecture} uses sliding-window attention (window {shape.sliding_window}): "
+                                "exact sinks / window (--sink-tokens/--recent-window) are not available for it; "
+                                "give both as 0")
+            if not self.data_free and (self.sink_tokens is None or self.recent_window is None):
+                notice(f"{shape.architecture} uses sliding-window attention: the file gets the plain latent cache "
+                       "(no exact sinks / window)")
+            return replace(self, sink_tokens=0, recent_window=0)
+        if self.data_free:
+            sink, window = 0, 0
+        elif self.center:
+            sink, window = 0, 0  # validated(): the mean correction excludes exact cells
+        else:
+            sink, window = constants.DEFAULT_SINK_TOKENS, constants.DEFAULT_RECENT_WINDOW
+        return replace(self, sink_tokens=sink if self.sink_tokens is None else self.sink_tokens,
+                       recent_window=window if self.recent_window is None else self.recent_window)
 
     @property
     def aware(self) -> aware.AwareOptions:
@@ -159,12 +202,33 @@ def _allocate(model: SourceModel, spectra: Spectra, options: ConvertOptions,
     budget = dict(ratio=options.ratio, key_ratio=options.key_ratio, value_ratio=options.value_ratio, grid=grid)
     if options.allocation == allocate.UNIFORM:
         return allocate.uniform(kw, vw, **budget)
-    if options.allocation == aware.SENSITIVITY:
+    calibrated_progressive = options.allocation == allocate.PROGRESSIVE and weighting is not None and weighting.active
+    if options.allocation == aware.SENSITIVITY or calibrated_progressive:
         assert weighting is not None
-        curves = {(side, il): weighting.decomposition(side, il, w).relative_errors()
-                  for side, il, w in model.iter_weights()}
-        return aware.sensitivity(curves, kw, vw, value_weight=options.value_weight, **budget)
+        curves, kappa = {}, {Side.KEY: [], Side.VALUE: []}
+        for side, il, w in model.iter_weights():
+            dec = weighting.decomposition(side, il, w)
+            curves[(side, il)] = dec.relative_errors()
+            kappa[side].append(dec.condition())
+        layer_weight = aware.progressive_weights(kappa, aware.PROGRESSIVE_STRENGTH) if calibrated_progressive else None
+        return aware.sensitivity(curves, kw, vw, value_weight=options.value_weight, layer_weight=layer_weight,
+                                 method=options.allocation, **budget)
     return allocate.progressive(spectra.key_condition, spectra.value_condition, kw, vw, **budget)
+
+
+def _ranks_need_statistics(options: ConvertOptions) -> bool:
+    return options.allocation == aware.SENSITIVITY or (
+        options.allocation == allocate.PROGRESSIVE and options.method != aware.SVD)
+
+
+def _check_factor_shapes(model: SourceModel, allocation: Allocation, qtype: gguf.GGMLQuantizationType) -> None:
+    for il in range(model.shape.n_layer):
+        for side in SIDES:
+            if allocation.is_factorized(side, il):
+                rank, width = allocation.rank(side, il), allocation.width(side, il)
+                down_name, up_name = model.architecture.factor_names(side, il)
+                check_encodable((rank, model.shape.n_embd), qtype, down_name)
+                check_encodable((width, rank), qtype, up_name)
 
 
 def _ratio_notices(allocation: Allocation, options: ConvertOptions) -> list[str]:
@@ -297,8 +361,6 @@ def _plan_tensors(model: SourceModel, allocation: Allocation, qtype: gguf.GGMLQu
         side, il = replaced[t.name]
         rank, width = allocation.rank(side, il), allocation.width(side, il)
         down_name, up_name = model.architecture.factor_names(side, il)
-        check_encodable((rank, n_embd), qtype, down_name)
-        check_encodable((width, rank), qtype, up_name)
         job = _FactorJob(model, side, il, rank, qtype, errors, weighting)
         plan.append(NewTensor(down_name, (rank, n_embd), qtype, job.down))
         plan.append(NewTensor(up_name, (width, rank), qtype, job.up))
@@ -337,20 +399,14 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log) -> Calibr
     cal = opts.calibration
     if isinstance(cal, CalibrationStats):
         stats = cal
-    elif cal is not None and str(cal).endswith(".npz"):
+    elif str(cal).endswith(".npz"):
         stats = calibrate.load_stats(cal)
     else:
-        if cal is None or str(cal) == "builtin":
-            text, what = None, "the built-in calibration text (first half of pydoc_data.topics)"
-        else:
-            try:
-                text, what = Path(cal).read_text(encoding="utf-8", errors="replace"), str(cal)
-            except OSError as e:
-                raise LorcError(f"cannot read calibration text {cal}: {e.strerror}") from None
+        text, domains, what = _calibration_source(str(cal))
         with tqdm(total=model.shape.n_layer, desc="calibration", unit="layer", disable=not opts.progress,
                   leave=False) as bar:
             stats = calibrate.calibrate(model, text, n_tokens=opts.calib_tokens, full=opts.method == aware.WHITEN,
-                                        progress=lambda: bar.update(1))
+                                        progress=lambda: bar.update(1), domains=domains)
         notice(f"calibrated on {stats.n_tokens} tokens of {what}")
     if len(stats.layers) != model.shape.n_layer:
         raise LorcError(f"statistics cover {len(stats.layers)} layers, the model has {model.shape.n_layer}")
@@ -359,12 +415,30 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log) -> Calibr
     return stats
 
 
+def _calibration_source(spec: str) -> tuple[str | None, tuple[str, ...] | None, str]:
+    """(text, domains, description) of ``--calibration``: a text file, or "builtin" / domain names."""
+    if not Path(spec).is_file():
+        names = corpus.CALIBRATION_DOMAINS if spec == "builtin" else None
+        items = [x.strip() for x in spec.split(",")]
+        if names is None and all(x in corpus.DOMAINS for x in items):
+            names = corpus.parse_domains(items, corpus.CALIBRATION)
+        if names is not None:
+            return None, tuple(names), f"the built-in text ({', '.join(names)}: equal shares)"
+        raise LorcError(f"calibration text {spec} not found (a file, 'builtin', or domains from "
+                        f"{', '.join(corpus.CALIBRATION_DOMAINS)})")
+    try:
+        return Path(spec).read_text(encoding="utf-8", errors="replace"), None, spec
+    except OSError as e:
+        raise LorcError(f"cannot read calibration text {spec}: {e.strerror}") from None
+
+
 def _add_aware_report(report: dict[str, Any], opts: ConvertOptions, stats: CalibrationStats | None,
                       weighting: _Weighting) -> None:
     report["method"] = opts.method
     if stats is None:
         return
     report["calibration"] = {"source": "imatrix" if opts.imatrix is not None else stats.source,
+                             "domains": stats.meta.get("domains"),
                              "imatrix": None if opts.imatrix is None else str(opts.imatrix),
                              "n_tokens": stats.n_tokens, "ridge": opts.ridge, "center": opts.center,
                              "out_weight": opts.out_weight}
@@ -373,17 +447,6 @@ def _add_aware_report(report: dict[str, Any], opts: ConvertOptions, stats: Calib
             row[f"out_error_{x}"] = weighting.output_errors.get((side, row["layer"]), 0.0)
     out = [row[f"out_error_{x}"] for row in report["layers"] for x in "kv"]
     report["totals"]["mean_out_error"] = sum(out) / len(out) if out else 0.0
-
-
-def _check_architecture(model: SourceModel, opts: ConvertOptions) -> None:
-    """Options the model's architecture cannot honour, refused before any work is done."""
-    shape = model.shape
-    if (opts.sink_tokens > 0 or opts.recent_window > 0) and shape.sliding_window > 0:
-        # the runtime builds the hybrid cache from llama.cpp's iswa pair of caches, which a
-        # sliding-window model already needs for its own local and global layers
-        raise LorcError(f"{shape.architecture} uses sliding-window attention (window {shape.sliding_window}): "
-                        "the hybrid cache (--sink-tokens/--recent-window) is not available for it; "
-                        "convert without them")
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, log: Log | None = None,
@@ -422,7 +485,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         else:
             gguf_path, source_format = src_path, "gguf"
         model = open_gguf(gguf_path)
-        _check_architecture(model, opts)
+        opts = opts.for_model(model.shape, notice)
         quantized = model.quantized_weight_types()
         if quantized:
             notice(f"K/V weights are quantized ({', '.join(quantized)}): factors are computed from "
@@ -431,13 +494,20 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         n_weights = 2 * model.shape.n_layer
         with tqdm(total=n_weights, desc="spectra", unit="w", disable=not opts.progress, leave=False) as bar:
             spectra = compute_spectra(model.iter_weights(), on_step=lambda: bar.update(1))
+        qtype = OUTTYPES[opts.outtype]
+        # ranks that do not depend on the statistics are settled (and refused if the factor type
+        # cannot hold them) before a calibration run that may take minutes
+        allocation = None if _ranks_need_statistics(opts) else _allocate(model, spectra, opts)
+        if allocation is not None:
+            _check_factor_shapes(model, allocation, qtype)
         stats = _statistics(model, opts, notice)
         weighting = _Weighting(model, stats, opts.aware)
-        allocation = _allocate(model, spectra, opts, weighting)
+        if allocation is None:
+            allocation = _allocate(model, spectra, opts, weighting)
+            _check_factor_shapes(model, allocation, qtype)
         for msg in _ratio_notices(allocation, opts) + _top_k_notices(model.shape.architecture, allocation, opts):
             notice(msg)
 
-        qtype = OUTTYPES[opts.outtype]
         errors: dict[tuple[Side, int], float] = {}
         hybrid = opts.sink_tokens > 0 or opts.recent_window > 0
         plan = _plan_tensors(model, allocation, qtype, errors, weighting, keep_dense=hybrid)

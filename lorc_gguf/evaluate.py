@@ -7,9 +7,9 @@ the logits at ``j`` for ``j`` in ``[ctx/2, ctx-1)``. The first model given is th
 other model gets the mean KL(baseline || model) and the top-1 agreement over the same scored
 positions, and its KV bytes per token (measured from the runtime) as a ratio of the baseline's.
 
-The default text is the ``pydoc_data.topics`` corpus of the running Python: the values joined in
-sorted key order. Its first half is the calibration text (for activation-aware conversion), its
-second half the evaluation text, so the two never overlap.
+The texts are the evaluation domains of ``corpus``: by default ``news`` and ``drama``, which the
+calibration text never contains, and ``docs``, the pydoc half disjoint from the calibration half;
+any UTF-8 file works too. Several texts give one report each and a summary.
 
 Also the pieces the other tools share: model specs (``PATH[@CACHE_K[,CACHE_V]]``, ``smollm2``
 for the embedded model), decoding with logits only where needed, greedy generation with the
@@ -37,7 +37,8 @@ from . import constants
 from .errors import LorcError
 from .session import (CACHE_TYPES, HYBRID_ENV, TOP_K_ENV, Session, SessionParams, hybrid_override,
                       silence_llama_logs, top_k_override)
-from .text import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
+from . import corpus
+from .corpus import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
 
 # llama.cpp serializes pos, n_seq_id and one seq_id (int32 each) per cell next to the K/V rows:
 # a sequence state grows by this much per token on top of the cache itself
@@ -52,14 +53,36 @@ FLASH_ATTN_CHOICES = ("auto", "on", "off")
 
 # --- text ----------------------------------------------------------------------------------------
 
-def read_text(path: str | os.PathLike[str] | None) -> tuple[str, str]:
-    """(text, description) of a text file, or of the default evaluation text when ``path`` is None."""
-    if path is None:
-        return eval_text(), "pydoc_data.topics, second half (lorc_gguf.evaluate.eval_text)"
-    p = Path(path)
+# the evaluation texts of tools/eval.py by default: the domains calibration never sees, then the
+# documentation half that it does (in-domain, for comparison with earlier numbers)
+DEFAULT_TEXTS = corpus.HELD_OUT_DOMAINS + ("docs",)
+
+
+def read_text(spec: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """(text, description) of an evaluation domain of ``corpus`` (``news``, ``drama``, ``docs``)
+    or of a text file; ``None`` is the docs domain (the pydoc evaluation half)."""
+    if spec is None:
+        spec = "docs"
+    if str(spec) in corpus.DOMAINS:
+        d = corpus.domain(str(spec))
+        return d.text(corpus.EVALUATION), f"{d.name} ({d.genre}: {d.source})"
+    p = Path(spec)
     if not p.is_file():
-        raise LorcError(f"text file not found: {p}")
+        raise LorcError(f"text not found: {p} is neither a file nor a domain "
+                        f"({', '.join(corpus.EVALUATION_DOMAINS)})")
     return p.read_text(encoding="utf-8", errors="replace"), str(p)
+
+
+def parse_texts(spec: str | None) -> list[str]:
+    """``--text``: comma-separated domains and/or files (default ``DEFAULT_TEXTS``)."""
+    if spec is None:
+        return list(DEFAULT_TEXTS)
+    items = [x.strip() for x in spec.split(",") if x.strip()]
+    if not items:
+        raise LorcError("--text names no text")
+    if len(set(items)) != len(items):
+        raise LorcError(f"--text names a text twice: {spec}")
+    return items
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -777,8 +800,10 @@ def eval_parser():
                "eval.py smollm2 smollm2@q8_0 smollm2@q4_0 lorc.gguf")
     ap.add_argument("models", nargs="*", metavar="MODEL", default=[SMOLLM2_ALIAS],
                     help="models to evaluate (default: smollm2)")
-    ap.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the second half of the "
-                    "pydoc_data.topics text, disjoint from the calibration half)")
+    ap.add_argument("--text", metavar="TEXT,...",
+                    help="comma-separated evaluation texts: built-in domains (news, drama: never in the "
+                         "calibration text; docs: the pydoc half disjoint from the calibration half) or UTF-8 "
+                         f"files (default {','.join(DEFAULT_TEXTS)})")
     ap.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"tokens per chunk (default {DEFAULT_CTX})")
     ap.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help=f"chunks to score (default {DEFAULT_CHUNKS})")
     ap.add_argument("--batch", type=int, help="tokens per llama_decode call (default: --ctx)")
@@ -871,6 +896,43 @@ def _plot_pareto(report: dict[str, Any], path: str) -> None:
     plot_pareto(report, path)
 
 
+def evaluate_texts(configs: Sequence[ModelConfig], texts: Sequence[str], log: Callable[[str], None] | None = None,
+                   **kwargs: Any) -> dict[str, Any]:
+    """``evaluate`` on each text (a domain or a file, see ``read_text``); one text gives its report
+    as it is, several give ``{"tool": "eval", "reports": [...], "summary": ...}`` with every
+    model's perplexity change against the baseline per text."""
+    reports = []
+    for spec in texts:
+        text, source = read_text(spec)
+        if log:
+            log(f"text {spec}: {source}")
+        report = evaluate(configs, text, log=log, **kwargs)
+        report["text"].update(name=str(spec), source=source)
+        reports.append(report)
+    if len(reports) == 1:
+        return reports[0]
+    summary = [{"label": m["label"],
+                "ppl": {r["text"]["name"]: r["models"][i]["ppl"] for r in reports},
+                "vs_baseline": {r["text"]["name"]: r["models"][i]["ppl"] / r["models"][0]["ppl"] - 1 for r in reports},
+                "kl_mean": {r["text"]["name"]: r["models"][i]["kl_mean"] for r in reports}}
+               for i, m in enumerate(reports[0]["models"])]
+    return {"tool": "eval", "texts": [r["text"]["name"] for r in reports], "reports": reports, "summary": summary}
+
+
+def format_eval_report(report: dict[str, Any]) -> str:
+    """One table per text, then (several texts) perplexity and KL per model and text."""
+    if "reports" not in report:
+        return format_eval_table(report)
+    parts = [f"== {r['text']['name']}: {r['text']['source']}\n{format_eval_table(r)}" for r in report["reports"]]
+    names = report["texts"]
+    rows = [("model", *(f"{n} ppl (vs base, KL)" for n in names))]
+    for m in report["summary"]:
+        rows.append((m["label"], *(f"{m['ppl'][n]:.4f} ({100 * m['vs_baseline'][n]:+.2f}%, "
+                                   f"{'-' if m['kl_mean'][n] is None else format(m['kl_mean'][n], '.4f')})"
+                                   for n in names)))
+    return "\n\n".join(parts + ["== summary\n" + _table(rows)])
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
 
@@ -880,14 +942,13 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         configs = [parse_model_spec(m, args.cache_type_k, args.cache_type_v, fa, lab)
                    for m, lab in zip(args.models, labels)]
         configs = expand_top_k(configs, parse_top_k(args.lorc_top_k))
-        text, source = read_text(args.text)
-        report = evaluate(configs, text, ctx=args.ctx, n_chunks=args.chunks, threads=args.threads,
-                          n_batch=args.batch, decode_tail=args.decode_tail,
-                          log=None if args.quiet else _stderr)
-        report["text"]["source"] = source
-        return report
+        texts = parse_texts(args.text)
+        if args.plot and len(texts) > 1:
+            raise LorcError("--plot draws one text: give a single --text")
+        return evaluate_texts(configs, texts, ctx=args.ctx, n_chunks=args.chunks, threads=args.threads,
+                              n_batch=args.batch, decode_tail=args.decode_tail, log=None if args.quiet else _stderr)
 
-    return run_cli(produce, format_eval_table, args.json, _plot_pareto, args.plot)
+    return run_cli(produce, format_eval_report, args.json, _plot_pareto, args.plot)
 
 
 def compare_parser():

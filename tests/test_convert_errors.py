@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def lorc_gguf_file(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "tiny-lorc.gguf"
-    convert(tiny_llama_gguf, out, progress=False)
+    convert(tiny_llama_gguf, out, progress=False, data_free=True)
     return out
 
 
@@ -72,6 +72,16 @@ CASES: list[Case] = [
     ("decode-top-k-negative", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--decode-top-k=-1"],
      "decode top-k must be an integer in [0, 1000000], got -1"),
     ("out-equals-model", lambda m, l, q, d: [str(m), str(m)], "OUT is the same file as MODEL"),
+    ("data-free-with-calibration", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--data-free", "--calibration",
+                                                      "builtin"], "--data-free uses no statistics"),
+    ("data-free-with-method", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--data-free", "--method",
+                                                 "svd-whiten"], "--data-free is the paper's method (svd)"),
+    ("center-with-exact-cells", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--center", "--recent-window", "8"],
+     "--center cannot be combined with the exact sinks / window"),
+    ("calibration-text-missing", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--calibration", str(d / "no.txt")],
+     "no.txt not found (a file, 'builtin', or domains from docs, code, dialogue, encyclopedia)"),
+    ("calibration-held-out-domain", lambda m, l, q, d: [str(m), str(d / "out.gguf"), "--calibration", "docs,news"],
+     "domain 'news' is not for calibration (choose from docs, code, dialogue, encyclopedia)"),
     ("out-folder-missing", lambda m, l, q, d: [str(m), str(d / "missing" / "out.gguf")],
      "the folder of OUT does not exist"),
 ]
@@ -126,9 +136,9 @@ def test_cli_process_exit_status(tmp_path: Path) -> None:
 
 def test_library_raises_lorc_error(tiny_llama_gguf: Path, tmp_path: Path) -> None:
     with pytest.raises(LorcError):
-        convert(tiny_llama_gguf, tmp_path / "out.gguf", ratio=0, progress=False)
+        convert(tiny_llama_gguf, tmp_path / "out.gguf", ratio=0, progress=False, data_free=True)
     with pytest.raises(LorcError, match="unknown outtype"):
-        convert(tiny_llama_gguf, tmp_path / "out.gguf", outtype="q4_0", progress=False)
+        convert(tiny_llama_gguf, tmp_path / "out.gguf", outtype="q4_0", progress=False, data_free=True)
     with pytest.raises(LorcError, match="unexpected keyword"):
         convert(tiny_llama_gguf, tmp_path / "out.gguf", ration=0.5)
     assert list(tmp_path.iterdir()) == []

@@ -32,7 +32,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("evaltools")
     original = synth.make_llama_gguf(d / "original.gguf", seed=3, dtype="f16")
     lorc = d / "lorc.gguf"
-    convert(original, lorc, allocation="progressive", ratio=0.5, progress=False)
+    convert(original, lorc, allocation="progressive", ratio=0.5, progress=False, data_free=True)
     return original, lorc
 
 
@@ -61,7 +61,7 @@ def test_hybrid_kv_bytes_count_the_exact_cells_per_sequence(pair, tmp_path):
     # 128-token probe counted every probe token in both stores (ratio ~1.5 for W >= 128)
     original, lorc = pair
     hybrid = tmp_path / "hybrid.gguf"
-    convert(original, hybrid, allocation="progressive", ratio=0.5, progress=False, sink_tokens=4, recent_window=8)
+    convert(original, hybrid, allocation="progressive", ratio=0.5, progress=False, data_free=True, sink_tokens=4, recent_window=8)
     configs = [ev.ModelConfig(p, flash_attn=False, label=p.stem) for p in (original, lorc, hybrid)]
     report = ev.evaluate(configs, ev.eval_text(), ctx=CTX, n_chunks=1, threads=1)
     base, plain, hyb = report["models"]
@@ -85,7 +85,7 @@ def test_eval_json_and_table(pair, tmp_path, capsys):
     original, lorc = pair
     out, png = tmp_path / "eval.json", tmp_path / "pareto.png"
     rc = ev.eval_main([str(original), f"{original}@q8_0", str(lorc), "--ctx", str(CTX), "--chunks", str(CHUNKS),
-                       "--json", str(out), "--plot", str(png), "-q", *THREADS])
+                       "--text", "docs", "--json", str(out), "--plot", str(png), "-q", *THREADS])
     stdout = capsys.readouterr().out
     assert rc == 0
     report = json.loads(out.read_text())
@@ -279,11 +279,43 @@ def test_decode_tail_scores_single_token_steps(pair):
     assert m["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-3)
 
 
+def test_eval_on_several_texts_reports_each_and_a_summary(pair, tmp_path, capsys):
+    original, lorc = pair
+    out = tmp_path / "eval.json"
+    rc = ev.eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "--text", "news,docs",
+                       "--json", str(out), "-q", *THREADS])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["texts"] == ["news", "docs"] and [r["text"]["name"] for r in report["reports"]] == ["news", "docs"]
+    assert report["reports"][0]["text"]["source"].startswith("news (news prose: gensim 4.4.0 Lee corpus)")
+    # different texts, different perplexities; the summary repeats each report's numbers
+    news, docs = (r["models"][1]["ppl"] for r in report["reports"])
+    assert news != pytest.approx(docs, rel=1e-3)
+    lorc_row = report["summary"][1]
+    assert lorc_row["ppl"] == {"news": news, "docs": docs}
+    base = report["reports"][0]["models"][0]["ppl"]
+    assert lorc_row["vs_baseline"]["news"] == pytest.approx(news / base - 1)
+    assert "== news: news (news prose" in stdout and "== summary" in stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--text", "news,docs", "--plot", "x.png"], "--plot draws one text: give a single --text"),
+    (["--text", "poetry"], "text not found: poetry is neither a file nor a domain (docs, news, drama)"),
+    (["--text", "docs,docs"], "--text names a text twice"),
+])
+def test_bad_text_is_one_line_and_exit_2(pair, argv, message, capsys):
+    original, lorc = pair
+    rc = ev.eval_main([str(original), "--ctx", str(CTX), "--chunks", "1", "-q", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_lorc_top_k_runs_each_lorc_model_per_value(pair, tmp_path):
     original, lorc = pair
     out = tmp_path / "eval.json"
     rc = ev.eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "--decode-tail", "16",
-                       "--lorc-top-k", "0,4", "--json", str(out), "-q", *THREADS])
+                       "--text", "docs", "--lorc-top-k", "0,4", "--json", str(out), "-q", *THREADS])
     assert rc == 0
     models = json.loads(out.read_text())["models"]
     assert [m["label"] for m in models] == ["original", "lorc", "lorc [top-4]"]
@@ -322,10 +354,12 @@ def test_runtime_overrides_in_effect_are_recorded(pair, tmp_path, monkeypatch):
     common = ["--ctx", "64", "--json"]
     for name in ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW", "LLAMA_LORC_TOP_K"):
         monkeypatch.delenv(name, raising=False)
-    assert ev.eval_main([str(lorc), "--chunks", "1", *common, str(tmp_path / "a.json"), "-q", *THREADS]) == 0
+    assert ev.eval_main([str(lorc), "--chunks", "1", "--text", "docs", *common, str(tmp_path / "a.json"), "-q",
+                         *THREADS]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["runtime_overrides"] == {}
     monkeypatch.setenv("LLAMA_LORC_RECENT_WINDOW", "16")
-    assert ev.eval_main([str(lorc), "--chunks", "1", *common, str(tmp_path / "b.json"), "-q", *THREADS]) == 0
+    assert ev.eval_main([str(lorc), "--chunks", "1", "--text", "docs", *common, str(tmp_path / "b.json"), "-q",
+                         *THREADS]) == 0
     assert bench_main([str(original), str(lorc), "--repeats", "1", "--decode-tokens", "2", "--cache-types", "",
                        "--lorc-cache-types", "", *common, str(tmp_path / "c.json"), "-q", *THREADS]) == 0
     for report in ("b.json", "c.json"):

@@ -20,7 +20,7 @@ import pytest
 
 import synth
 from lorc_gguf import LorcError, convert
-from lorc_gguf import aware
+from lorc_gguf import aware, constants
 from lorc_gguf import calibrate as cal
 from lorc_gguf.dense import write_dense_equivalent
 from lorc_gguf.evaluate import mean_kl
@@ -83,7 +83,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         original = convert_folder(folder, d / f"original-{variant}.gguf")
         lorc = d / f"lorc-{variant}.gguf"
         hybrid = {} if window else {"sink_tokens": SINKS, "recent_window": WINDOW}
-        convert(original, lorc, allocation="uniform", ratio=0.5, outtype="f32", progress=False, **hybrid)
+        convert(original, lorc, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True, **hybrid)
         out[f"original-{variant}"] = original
         out[f"lorc-{variant}"] = lorc
         out[f"dense-{variant}"] = write_dense_equivalent(lorc, d / f"dense-{variant}.gguf")
@@ -196,9 +196,26 @@ def test_kv_bytes_are_half(models, variant: str) -> None:
 
 
 def test_converter_refuses_the_hybrid_cache_with_sliding_windows(models, tmp_path) -> None:
-    with pytest.raises(LorcError, match="sliding-window attention.*hybrid cache"):
-        convert(models["original-swa"], tmp_path / "x.gguf", ratio=0.5, progress=False, recent_window=64)
+    with pytest.raises(LorcError, match="sliding-window attention.*exact sinks / window"):
+        convert(models["original-swa"], tmp_path / "x.gguf", ratio=0.5, progress=False, data_free=True, recent_window=64)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_defaults_give_a_sliding_window_model_the_plain_latent_cache(models, tmp_path) -> None:
+    """The converter's defaults work for every architecture: with sliding windows the exact sinks
+    and window are unavailable, so the default file has none and says why."""
+    notices: list[str] = []
+    out = tmp_path / "default.gguf"
+    report = convert(models["original-swa"], out, progress=False, calib_tokens=256, log=notices.append)
+    assert report["method"] == aware.WHITEN and report["allocation"] == "progressive"
+    reader = FastGGUFReader(out)
+    assert reader.fields[constants.KEY_SINK_TOKENS].contents() == 0
+    assert reader.fields[constants.KEY_RECENT_WINDOW].contents() == 0
+    assert any("gemma3 uses sliding-window attention: the file gets the plain latent cache" in n for n in notices)
+    # the same model without windows gets them
+    report = convert(models["original-global"], tmp_path / "global.gguf", progress=False, calib_tokens=256)
+    reader = FastGGUFReader(tmp_path / "global.gguf")
+    assert reader.fields[constants.KEY_RECENT_WINDOW].contents() == constants.DEFAULT_RECENT_WINDOW
 
 
 @pytest.mark.parametrize("variant", ["swa", "global"])

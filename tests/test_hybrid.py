@@ -33,7 +33,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     for suffix, ratio in (("", 0.5), ("-wide", 0.75)):
         for name, hybrid in ((f"plain{suffix}", {}), (f"hybrid{suffix}", dict(sink_tokens=SINKS, recent_window=WINDOW))):
             out[name] = d / f"{name}.gguf"
-            convert(original, out[name], allocation="uniform", ratio=ratio, outtype="f32", progress=False, **hybrid)
+            convert(original, out[name], allocation="uniform", ratio=ratio, outtype="f32", progress=False, data_free=True, **hybrid)
     return out
 
 

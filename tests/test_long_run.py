@@ -53,7 +53,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     src = synth.make_llama_gguf(d / "source.gguf", n_layer=2, n_embd=128, n_head=4, n_head_kv=2, head_dim=64,
                                 n_ff=256, seed=3)
     lorc = d / "lorc.gguf"
-    convert(src, lorc, allocation="uniform", ratio=0.5, outtype="f32", progress=False)
+    convert(src, lorc, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True)
     return {"lorc": lorc, "dense": write_dense_equivalent(lorc, d / "dense.gguf", outtype="f32")}
 
 

@@ -53,7 +53,7 @@ def exact_pair(tmp_path_factory) -> tuple[Path, Path]:
                                      n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, n_ff=512, seed=1,
                                      spectra={"key": [spectrum] * N_LAYER, "value": [spectrum] * N_LAYER})
     lorc = d / "lorc.gguf"
-    convert(original, lorc, ranks=[PLANTED_RANK] * (2 * N_LAYER), outtype="f32", progress=False)
+    convert(original, lorc, ranks=[PLANTED_RANK] * (2 * N_LAYER), outtype="f32", progress=False, data_free=True)
     return original, lorc
 
 
@@ -62,7 +62,7 @@ def dense_and_lorc(d: Path, seed: int, ratio: float) -> tuple[Path, Path]:
     original = synth.make_llama_gguf(d / "original.gguf", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD,
                                      n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, n_ff=512, seed=seed)
     lorc = d / "lorc.gguf"
-    convert(original, lorc, allocation="uniform", ratio=ratio, outtype="f32", progress=False)
+    convert(original, lorc, allocation="uniform", ratio=ratio, outtype="f32", progress=False, data_free=True)
     return write_dense_equivalent(lorc, d / "dense.gguf"), lorc
 
 

@@ -30,10 +30,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     original = synth.make_llama_gguf(d / "original.gguf", n_layer=3, n_embd=256, n_head=8, n_head_kv=2,
                                      head_dim=64, n_ff=512, seed=11)
     plain, hybrid, hybrid_top_k = d / "plain.gguf", d / "hybrid.gguf", d / "hybrid-top-k.gguf"
-    convert(original, plain, allocation="uniform", ratio=0.5, outtype="f32", progress=False)
-    convert(original, hybrid, allocation="uniform", ratio=0.5, outtype="f32", progress=False,
+    convert(original, plain, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True)
+    convert(original, hybrid, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True,
             sink_tokens=4, recent_window=8)
-    convert(original, hybrid_top_k, allocation="uniform", ratio=0.5, outtype="f32", progress=False,
+    convert(original, hybrid_top_k, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True,
             sink_tokens=4, recent_window=8, decode_top_k=FEW)
     return {"plain": plain, "hybrid": hybrid, "hybrid-top-k": hybrid_top_k}
 

@@ -1,0 +1,198 @@
+"""The quality table (``tools/quality_table.py``): perplexity and KL of LoRC conversions against
+llama.cpp's own KV caches on one model, on the held-out texts and the documentation half.
+
+Rows: the original with f16, q8_0 and q4_0 caches; then, at each KV width, the conversion recipes
+of ``RECIPES``, each read with the cache kinds it lists (plain latent cache = the file read with
+the exact sinks and window turned off at load time; a q8_0 latent cache). Every text is scored
+the same way (``evaluate.evaluate``: chunks with BOS first, second half scored); KV bytes per
+token come from the runtime, relative to the original's f16 cache. A second, smaller table runs
+the default conversion at a longer context.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import calibrate as cal
+from . import constants, corpus
+from .convert import convert
+from .evaluate import ModelConfig, evaluate, make_config, read_text
+from .load import open_gguf
+from .session import hybrid_override
+
+WIDTHS = (0.75, 0.5, 0.35)
+TEXTS = corpus.HELD_OUT_DOMAINS + ("docs",)
+# prompt tokens per llama_decode call (llama.cpp's default n_ubatch): the same for every row and context
+N_BATCH = 512
+
+PLAIN, EXACT, EXACT_Q8 = "plain latent cache", "exact sinks + window", "exact sinks + window, q8_0 latent cache"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    options: dict[str, Any]  # convert() options on top of the ratio (and the statistics, if calibrated)
+    reads: tuple[str, ...]  # PLAIN / EXACT / EXACT_Q8
+    calibrated: bool = True
+
+
+_EXACT = dict(sink_tokens=constants.DEFAULT_SINK_TOKENS, recent_window=constants.DEFAULT_RECENT_WINDOW)
+RECIPES = (
+    Recipe("data-free SVD, uniform", dict(data_free=True, allocation="uniform", **_EXACT), (EXACT,), calibrated=False),
+    Recipe("data-free SVD, progressive (the paper)", dict(data_free=True, allocation="progressive", **_EXACT),
+           (PLAIN, EXACT), calibrated=False),
+    Recipe("calibrated, sensitivity", dict(allocation="sensitivity"), (PLAIN, EXACT)),
+    Recipe("calibrated, progressive (the default)", dict(allocation="progressive"), (PLAIN, EXACT, EXACT_Q8)),
+)
+DEFAULT_RECIPE = RECIPES[-1]
+
+Log = Callable[[str], None]
+
+
+def _row_config(path: Path, read: str, label: str) -> ModelConfig:
+    if read == EXACT_Q8:
+        return make_config(path, "q8_0", "q8_0", flash_attn=True, label=label)
+    return make_config(path, label=label)
+
+
+def _score(groups: dict[bool, list[ModelConfig]], text: str, ctx: int, n_chunks: int, threads: int | None
+           ) -> dict[str, dict[str, Any]]:
+    """Every config's row of ``evaluate`` on one text, by label; ``groups[True]`` are read with the
+    exact cells off (each group is its own run, with the original first as the KL baseline)."""
+    out: dict[str, dict[str, Any]] = {}
+    for plain, configs in groups.items():
+        if len(configs) < 2 and plain:
+            continue
+        with hybrid_override(0, 0) if plain else _nothing():
+            report = evaluate(configs, text, ctx=ctx, n_chunks=n_chunks, threads=threads, n_batch=N_BATCH)
+        for m in report["models"]:
+            out.setdefault(m["label"], m)
+    return out
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def quality_table(model: Path, workdir: Path, texts: Sequence[str] = TEXTS, widths: Sequence[float] = WIDTHS,
+                  n_chunks: int = 8, ctx: int = 512, long_ctx: int = 2048, long_chunks: int = 4,
+                  calib_tokens: int = cal.DEFAULT_CALIB_TOKENS, threads: int | None = None,
+                  log: Log = lambda msg: None) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    stats_path = workdir / f"stats-builtin-{calib_tokens}.npz"
+    if not stats_path.exists():
+        t0 = time.perf_counter()
+        stats = cal.calibrate(open_gguf(model), n_tokens=calib_tokens)
+        cal.save_stats(stats, stats_path)
+        log(f"calibration: {stats.n_tokens} tokens of {', '.join(stats.meta['domains'])} in "
+            f"{time.perf_counter() - t0:.0f} s")
+    stats_meta = cal.load_stats(stats_path).meta
+
+    original = make_config(model, label="original")
+    rows: list[dict[str, Any]] = [
+        {"config": "original", "width": 1.0, "cache": "f16", "config_obj": original, "plain": False},
+        {"config": "original", "width": 1.0, "cache": "q8_0",
+         "config_obj": make_config(model, "q8_0", "q8_0", flash_attn=True, label="original q8_0"), "plain": False},
+        {"config": "original", "width": 1.0, "cache": "q4_0",
+         "config_obj": make_config(model, "q4_0", "q4_0", flash_attn=True, label="original q4_0"), "plain": False},
+    ]
+    files: dict[tuple[str, float], Path] = {}
+    for width in widths:
+        for recipe in RECIPES:
+            out = workdir / f"{recipe.name.split(' (')[0].replace(' ', '').replace(',', '-')}-{width}.gguf"
+            t0 = time.perf_counter()
+            options = dict(recipe.options)
+            if recipe.calibrated:
+                options["calibration"] = str(stats_path)
+            convert(model, out, ratio=width, progress=False, **options)
+            files[(recipe.name, width)] = out
+            log(f"converted {out.name} in {time.perf_counter() - t0:.0f} s")
+            for read in recipe.reads:
+                label = f"{recipe.name} {width} [{read}]"
+                rows.append({"config": recipe.name, "width": width, "read": read,
+                             "cache": "q8_0" if read == EXACT_Q8 else "f16", "plain": read == PLAIN,
+                             "config_obj": _row_config(out, read, label)})
+
+    sources = {}
+    for name in texts:
+        text, sources[name] = read_text(name)
+        t0 = time.perf_counter()
+        groups = {False: [r["config_obj"] for r in rows if not r["plain"]],
+                  True: [original] + [r["config_obj"] for r in rows if r["plain"]]}
+        scored = _score(groups, text, ctx, n_chunks, threads)
+        base = scored["original"]["ppl"]
+        for r in rows:
+            m = scored[r["config_obj"].label]
+            r.setdefault("results", {})[name] = {"ppl": m["ppl"], "ppl_stderr": m["ppl_stderr"],
+                                                "vs_original": m["ppl"] / base - 1.0, "kl": m["kl_mean"],
+                                                "top1": m["top1_agreement"], "n_scored": m["n_scored"]}
+            r["kv_ratio"] = m["kv_ratio"]
+            r["exact_cells"] = m["kv_exact_cells"]
+        log(f"{name}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s")
+
+    long_rows = []
+    if long_ctx:
+        configs = [original] + [make_config(files[(DEFAULT_RECIPE.name, w)], label=f"{DEFAULT_RECIPE.name} {w}")
+                                for w in widths]
+        for name in texts:
+            report = evaluate(configs, read_text(name)[0], ctx=long_ctx, n_chunks=long_chunks, threads=threads,
+                              n_batch=N_BATCH)
+            base = report["models"][0]["ppl"]
+            for i, m in enumerate(report["models"]):
+                if len(long_rows) <= i:
+                    long_rows.append({"config": m["label"], "kv_ratio": m["kv_ratio"], "exact_cells": m["kv_exact_cells"],
+                                      "results": {}})
+                long_rows[i]["results"][name] = {"ppl": m["ppl"], "vs_original": m["ppl"] / base - 1.0,
+                                                 "kl": m["kl_mean"], "n_scored": m["n_scored"]}
+            log(f"{name} at ctx {long_ctx}: done")
+
+    for r in rows:
+        del r["config_obj"]
+    return {"tool": "quality_table", "model": str(model),
+            "texts": sources, "held_out": [t for t in texts if t in corpus.HELD_OUT_DOMAINS],
+            "eval": {"n_ctx": ctx, "n_chunks": n_chunks, "scored": "second half of each chunk", "n_batch": N_BATCH},
+            "calibration": {"tokens": calib_tokens, "domains": stats_meta.get("domains")},
+            "exact": {"sink_tokens": constants.DEFAULT_SINK_TOKENS, "recent_window": constants.DEFAULT_RECENT_WINDOW},
+            "rows": rows,
+            "long": {"n_ctx": long_ctx, "n_chunks": long_chunks, "rows": long_rows} if long_ctx else None}
+
+
+def _cell(res: dict[str, Any], with_kl: bool) -> str:
+    cell = f"{res['ppl']:.3f} ({100 * res['vs_original']:+.1f}%)"
+    if with_kl and res.get("kl"):
+        cell += f", KL {res['kl']:.3f}"
+    return cell
+
+
+def format_quality_table(result: dict[str, Any]) -> str:
+    texts = list(result["texts"])
+    held = set(result["held_out"])
+    head = "| configuration | KV width | read as | bytes vs f16 | " + " | ".join(
+        f"{t} ppl{' (held out)' if t in held else ''}" for t in texts) + " |"
+    lines = [head, "|---|---:|---|---:|" + "---:|" * len(texts)]
+    for r in result["rows"]:
+        read = r.get("read", f"{r['cache']} cache")
+        lines.append(f"| {r['config']} | {r['width']:.2f} | {read} | {100 * r['kv_ratio']:.1f}% | " +
+                     " | ".join(_cell(r["results"][t], t in held) for t in texts) + " |")
+    out = "\n".join(lines)
+    long = result.get("long")
+    if long:
+        lines = [f"\nctx {long['n_ctx']} x {long['n_chunks']} chunks:\n",
+                 "| configuration | " + " | ".join(texts) + " |", "|---|" + "---:|" * len(texts)]
+        for r in long["rows"]:
+            lines.append(f"| {r['config']} | " + " | ".join(_cell(r["results"][t], t in held) for t in texts) + " |")
+        out += "\n".join(lines)
+    return out
+
+
+def write(result: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2) + "\n")

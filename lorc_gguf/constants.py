@@ -43,7 +43,7 @@ MIN_RANK = 32
 # Exact sinks and recent window of a converted file (lorc.sink_tokens / lorc.recent_window) when
 # the converter is not told otherwise: measured on SmolLM2 on held-out domains (README, "Converting")
 DEFAULT_SINK_TOKENS = 4
-DEFAULT_RECENT_WINDOW = 128
+DEFAULT_RECENT_WINDOW = 256
 
 # the architectures whose graph in the patched runtime opts into the latent cache
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")

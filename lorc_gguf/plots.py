@@ -90,33 +90,33 @@ def plot_pareto(report: dict[str, Any] | str | os.PathLike[str], out: str | os.P
 
 def plot_quality(report: dict[str, Any] | str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Perplexity against cache bytes (relative to the original's f16 cache), one point per row of
-    a tools/quality_table.py JSON: llama.cpp's caches, LoRC plain latent and hybrid, with the
+    a tools/quality_table.py JSON on its first held-out text: llama.cpp's caches and each LoRC
+    recipe as it is read (plain latent cache, exact sinks + window, q8_0 latent cache), with the
     Pareto front over all of them."""
     data = _load(report, "quality_table")
     plt = _plt()
     rows = data["rows"]
+    text = (data.get("held_out") or list(data["texts"]))[0]
     fig, ax = plt.subplots(figsize=(8, 5))
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r["config"].startswith("original"):
-            key = "llama.cpp cache (" + r["cache"] + ")"
-        else:
-            key = r["config"].split(", hybrid")[0].replace(", q8_0 latent cache", "") + \
-                (" + q8_0" if r["cache"] == "q8_0" else "") + (" + hybrid" if r.get("exact_cells") else "")
+        key = f"llama.cpp cache ({r['cache']})" if r["config"] == "original" else f"{r['config']}, {r['read']}"
         groups.setdefault(key, []).append(r)
     for key, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["cache_bytes_vs_f16"])
-        style = "^" if key.startswith("llama.cpp") else ("s-" if "hybrid" in key else "o--")
-        ax.plot([r["cache_bytes_vs_f16"] for r in rs], [r["ppl"] for r in rs], style, label=key, ms=5, lw=0.8)
-    pts = [(r["cache_bytes_vs_f16"], r["ppl"]) for r in rows]
+        rs = sorted(rs, key=lambda r: r["kv_ratio"])
+        style = "^" if key.startswith("llama.cpp") else ("s-" if "exact" in key else "o--")
+        ax.plot([r["kv_ratio"] for r in rs], [r["results"][text]["ppl"] for r in rs], style, label=key, ms=5, lw=0.8)
+    pts = [(r["kv_ratio"], r["results"][text]["ppl"]) for r in rows]
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k:", lw=1, alpha=0.6, label="Pareto front")
     ax.set_xlabel("KV cache bytes per token, fraction of the original's f16 cache")
-    ax.set_ylabel(f"perplexity (ctx {data['eval']['n_ctx']}, log scale)")
+    ax.set_ylabel(f"perplexity on {text} (held out; ctx {data['eval']['n_ctx']}, log scale)")
     ax.set_yscale("log")
-    ax.set_title("Perplexity vs KV cache size (hybrid rows add 68 exact cells per layer)")
+    exact = data.get("exact", {})
+    ax.set_title(f"Perplexity vs KV cache size (exact rows add {exact.get('sink_tokens', 0)} + "
+                 f"{exact.get('recent_window', 0)} cells per sequence)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=6, loc="upper right")
     return _save(fig, out)
 
 

@@ -50,6 +50,7 @@ RECIPES = (
     Recipe("calibrated, progressive (the default)", dict(allocation="progressive"), (PLAIN, EXACT, EXACT_Q8)),
 )
 DEFAULT_RECIPE = RECIPES[-1]
+LONG_RECIPES = (RECIPES[2], DEFAULT_RECIPE)  # calibrated sensitivity and progressive
 
 Log = Callable[[str], None]
 
@@ -141,8 +142,10 @@ def quality_table(model: Path, workdir: Path, texts: Sequence[str] = TEXTS, widt
 
     long_rows = []
     if long_ctx:
-        configs = [original] + [make_config(files[(DEFAULT_RECIPE.name, w)], label=f"{DEFAULT_RECIPE.name} {w}")
-                                for w in widths]
+        # the files read with their exact cells, where a longer context leaves most cells latent:
+        # the default recipe and the best allocation it is measured against
+        configs = [original] + [make_config(files[(recipe.name, w)], label=f"{recipe.name} {w}")
+                                for w in widths for recipe in LONG_RECIPES]
         for name in texts:
             report = evaluate(configs, read_text(name)[0], ctx=long_ctx, n_chunks=long_chunks, threads=threads,
                               n_batch=N_BATCH)
@@ -196,3 +199,96 @@ def format_quality_table(result: dict[str, Any]) -> str:
 
 def write(result: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+# --- the defaults study (tools/defaults_study.py): calibration size and mix, exact window -----------
+
+STUDY_SIZES = (4096, 16384, 65536)
+STUDY_TEXTS = corpus.HELD_OUT_DOMAINS
+STUDY_WINDOWS = (64, 128, 256, 512)
+
+
+def study_mixes() -> list[tuple[str, tuple[str, ...]]]:
+    """The full mix, the single-genre text of earlier releases (docs), and the mix less each genre."""
+    full = corpus.CALIBRATION_DOMAINS
+    return [("all four", full), ("docs only", ("docs",))] + [
+        (f"without {d}", tuple(x for x in full if x != d)) for d in full]
+
+
+def _scored_rows(configs: list[ModelConfig], rows: list[dict[str, Any]], texts: Sequence[str], ctx: int,
+                 n_chunks: int, threads: int | None, sources: dict[str, str], log: Log,
+                 override: tuple[int, int] | None = None) -> None:
+    for text_name in texts:
+        text, sources[text_name] = read_text(text_name)
+        with hybrid_override(*override) if override else _nothing():
+            report = evaluate(configs, text, ctx=ctx, n_chunks=n_chunks, threads=threads, n_batch=N_BATCH)
+        base = report["models"][0]["ppl"]
+        for row, m in zip(rows, report["models"][1:]):
+            row["results"][text_name] = {"ppl": m["ppl"], "vs_original": m["ppl"] / base - 1.0, "kl": m["kl_mean"]}
+        log(f"{text_name} at ctx {ctx}: done")
+
+
+def defaults_study(model: Path, workdir: Path, width: float = 0.5, texts: Sequence[str] = STUDY_TEXTS,
+                   n_chunks: int = 8, ctx: int = 512, sizes: Sequence[int] = STUDY_SIZES,
+                   windows: Sequence[int] = STUDY_WINDOWS, window_ctx: int = 2048, window_chunks: int = 4,
+                   threads: int | None = None, log: Log = lambda msg: None) -> dict[str, Any]:
+    """(a) The default conversion at ``width`` calibrated on the full mix at each of ``sizes``
+    tokens and on each mix of ``study_mixes`` at the default size, scored at ``ctx``; (b) the
+    default file read with each exact window of ``windows`` (the runtime's load-time setting, 4
+    sinks), scored at ``window_ctx`` where most cells are latent."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs: list[tuple[str, int, tuple[str, ...]]] = [("all four", n, corpus.CALIBRATION_DOMAINS) for n in sizes]
+    runs += [(name, cal.DEFAULT_CALIB_TOKENS, mix) for name, mix in study_mixes()
+             if not (mix == corpus.CALIBRATION_DOMAINS and cal.DEFAULT_CALIB_TOKENS in sizes)]
+    original = make_config(model, label="original")
+    configs, rows, default_file = [original], [], None
+    for name, n_tokens, mix in runs:
+        tag = f"{'-'.join(mix)}-{n_tokens}"
+        stats_path = workdir / f"stats-{tag}.npz"
+        if not stats_path.exists():
+            t0 = time.perf_counter()
+            cal.save_stats(cal.calibrate(open_gguf(model), n_tokens=n_tokens, domains=mix), stats_path)
+            log(f"calibrated {tag} in {time.perf_counter() - t0:.0f} s")
+        out = workdir / f"default-{width}-{tag}.gguf"
+        convert(model, out, ratio=width, calibration=str(stats_path), progress=False)
+        if mix == corpus.CALIBRATION_DOMAINS and n_tokens == cal.DEFAULT_CALIB_TOKENS:
+            default_file = out
+        label = f"{name}, {n_tokens} tokens"
+        configs.append(make_config(out, label=label))
+        rows.append({"mix": name, "domains": list(mix), "tokens": n_tokens, "label": label, "results": {}})
+    sources: dict[str, str] = {}
+    _scored_rows(configs, rows, texts, ctx, n_chunks, threads, sources, log)
+
+    window_rows = []
+    if default_file is None:
+        default_file = workdir / f"default-{width}.gguf"
+        convert(model, default_file, ratio=width, progress=False)
+    for w in windows:
+        window_rows.append({"sink_tokens": constants.DEFAULT_SINK_TOKENS, "recent_window": w, "results": {}})
+        with hybrid_override(constants.DEFAULT_SINK_TOKENS, w):
+            # the exact store is sized when the model loads: one run per window
+            _scored_rows([original, make_config(default_file, label=f"W = {w}")], window_rows[-1:], texts,
+                         window_ctx, window_chunks, threads, sources, log)
+    return {"tool": "defaults_study", "model": str(model), "width": width, "texts": sources,
+            "calibration": {"eval": {"n_ctx": ctx, "n_chunks": n_chunks, "n_batch": N_BATCH}, "rows": rows},
+            "window": {"eval": {"n_ctx": window_ctx, "n_chunks": window_chunks, "n_batch": N_BATCH},
+                       "file": default_file.name, "rows": window_rows}}
+
+
+def format_defaults_study(result: dict[str, Any]) -> str:
+    texts = list(result["texts"])
+    c = result["calibration"]
+    lines = [f"Calibration text (default conversion at width {result['width']}, ctx {c['eval']['n_ctx']} x "
+             f"{c['eval']['n_chunks']}):\n",
+             "| calibration text | tokens | " + " | ".join(f"{t} ppl (vs original), KL" for t in texts) + " |",
+             "|---|---:|" + "---:|" * len(texts)]
+    for r in c["rows"]:
+        lines.append(f"| {r['mix']} ({', '.join(r['domains'])}) | {r['tokens']} | " +
+                     " | ".join(_cell(r["results"][t], True) for t in texts) + " |")
+    w = result["window"]
+    lines += [f"\nExact window (the same file read with 4 sinks and W recent cells, ctx {w['eval']['n_ctx']} x "
+              f"{w['eval']['n_chunks']}):\n",
+              "| W | " + " | ".join(f"{t} ppl (vs original), KL" for t in texts) + " |", "|---:|" + "---:|" * len(texts)]
+    for r in w["rows"]:
+        lines.append(f"| {r['recent_window']} | " + " | ".join(_cell(r["results"][t], True) for t in texts) + " |")
+    return "\n".join(lines)

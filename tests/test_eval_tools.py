@@ -236,17 +236,27 @@ def test_plot_of_an_ordinary_model_is_refused(pair, tmp_path, capsys):
 
 
 def test_plot_quality_table(tmp_path):
-    """tools/plot.py quality on a tools/quality_table.py JSON (rows as that tool writes them); a JSON
-    from another tool is refused with a one-line error."""
-    rows = [{"config": "original", "kv_width": 1.0, "cache": "f16", "cache_bytes_vs_f16": 1.0, "exact_cells": 0,
-             "ppl": 9.6},
-            {"config": "original, q8_0 cache", "kv_width": 1.0, "cache": "q8_0", "cache_bytes_vs_f16": 0.53,
-             "exact_cells": 0, "ppl": 9.6},
-            {"config": "calibrated SVD, sensitivity", "kv_width": 0.5, "cache": "f16", "cache_bytes_vs_f16": 0.5,
-             "exact_cells": 0, "ppl": 12.6},
-            {"config": "calibrated SVD, sensitivity, hybrid 4+64", "kv_width": 0.5, "cache": "f16",
-             "cache_bytes_vs_f16": 0.5, "exact_cells": 68, "ppl": 9.6}]
-    data = {"tool": "quality_table", "eval": {"n_ctx": 512}, "rows": rows}
+    """tools/plot.py quality on a tools/quality_table.py JSON (rows as that tool writes them), and
+    the tool's markdown table; a JSON from another tool is refused with a one-line error."""
+    from lorc_gguf.quality import EXACT, PLAIN, format_quality_table
+
+    def res(news, docs):
+        return {"news": {"ppl": news, "vs_original": news / 30 - 1, "kl": 0.01},
+                "docs": {"ppl": docs, "vs_original": docs / 9.6 - 1, "kl": 0.02}}
+    rows = [{"config": "original", "width": 1.0, "cache": "f16", "kv_ratio": 1.0, "exact_cells": 0,
+             "results": res(30.0, 9.6)},
+            {"config": "original", "width": 1.0, "cache": "q8_0", "kv_ratio": 0.531, "exact_cells": 0,
+             "results": res(30.1, 9.61)},
+            {"config": "calibrated, sensitivity", "width": 0.5, "read": PLAIN, "cache": "f16", "kv_ratio": 0.5,
+             "exact_cells": 0, "results": res(40.0, 12.6)},
+            {"config": "calibrated, sensitivity", "width": 0.5, "read": EXACT, "cache": "f16", "kv_ratio": 0.5,
+             "exact_cells": 132, "results": res(30.6, 9.7)}]
+    data = {"tool": "quality_table", "eval": {"n_ctx": 512}, "rows": rows, "held_out": ["news"],
+            "texts": {"news": "news (...)", "docs": "docs (...)"}, "exact": {"sink_tokens": 4, "recent_window": 128},
+            "long": None}
+    table = format_quality_table(data)
+    assert "| calibrated, sensitivity | 0.50 | exact sinks + window | 50.0% | 30.600 (+2.0%), KL 0.010 | 9.700 (+1.0%) |" \
+        in table
     src, png = tmp_path / "quality.json", tmp_path / "quality.png"
     src.write_text(json.dumps(data))
     assert plot_main(["quality", str(src), str(png)]) == 0

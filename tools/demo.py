@@ -2,10 +2,10 @@
 """`make demo`: convert the embedded SmolLM2 to a LoRC GGUF, chat with it through the patched
 llama-cpp-python, and compare its KV cache with the original model's.
 
-The default is the configuration we recommend: progressive-budget ranks chosen by calibrated
-sensitivity (--sensitivity, whitened SVD on the calibration half of the pydoc text) and the
-hybrid cache (4 sink tokens and the last 64 tokens exact). --data-free converts with the paper's
-data-free SVD and progressive rule instead, to see why we don't recommend it on this model.
+It converts with the converter's defaults, exactly what `tools/convert.py MODEL OUT.gguf` writes:
+calibrated on the built-in text (whitened SVD), progressive ranks, exact sinks and recent window.
+--data-free converts with the paper's data-free SVD and progressive rule instead, to see why that
+is not the default.
 
     python tools/demo.py [--ratio 0.5] [--data-free] [--out out/] [--prompt "..."]
 """
@@ -23,8 +23,8 @@ from lorc_gguf import LorcError, convert, runtime  # noqa: E402
 from lorc_gguf.models import smollm2_path  # noqa: E402
 from lorc_gguf.session import Session, SessionParams, silence_llama_logs  # noqa: E402
 
-# long enough (~200 tokens) that most of it leaves the hybrid cache's exact window of 64 tokens
-# and is attended through the latent cache
+# long enough (~200 tokens) that part of it leaves the exact window of 128 tokens and is attended
+# through the latent cache
 DEFAULT_PROMPT = (
     "Read this note and answer the question after it.\n\n"
     "Note: The lighthouse on Gull Island was built in 1871 from granite quarried on the mainland. "
@@ -65,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--n-ctx", type=int, default=8192, help="context length for the cache-size line")
     ap.add_argument("--data-free", action="store_true", help="the paper's data-free SVD, progressive rule")
-    ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    ap.add_argument("--sink-tokens", type=int, default=4)
-    ap.add_argument("--recent-window", type=int, default=64)
     args = ap.parse_args(argv)
 
     silence_llama_logs()
@@ -75,19 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         runtime.require_patched_runtime()
         original = smollm2_path()
         args.out.mkdir(parents=True, exist_ok=True)
-        if args.data_free:
-            tag, flags = "data-free", f"--progressive --ratio {args.ratio:g}"
-            options = dict(allocation="progressive", ratio=args.ratio, progress=False)
-        else:
-            tag = "calibrated-hybrid"
-            flags = (f"--sensitivity --ratio {args.ratio:g} --calibration builtin --calib-tokens {args.calib_tokens} "
-                     f"--sink-tokens {args.sink_tokens} --recent-window {args.recent_window}")
-            options = dict(allocation="sensitivity", ratio=args.ratio, calibration="builtin",
-                           calib_tokens=args.calib_tokens, sink_tokens=args.sink_tokens,
-                           recent_window=args.recent_window, progress=False)
+        tag = "data-free" if args.data_free else "default"
+        flags = f"--ratio {args.ratio:g}" + (" --data-free" if args.data_free else "")
         lorc = args.out / f"SmolLM2-135M-Instruct.lorc-{tag}-{args.ratio:g}.gguf"
-        print(f"converting {original.name} ({flags}) ...", flush=True)
-        report = convert(original, lorc, **options)
+        print(f"converting {original.name} (tools/convert.py MODEL OUT {flags}; a minute or two) ...", flush=True)
+        report = convert(original, lorc, ratio=args.ratio, data_free=args.data_free, progress=False)
         print(f"  wrote {lorc} in {report['elapsed_s']:.1f} s: method {report['method']}, "
               f"KV width kept {report['totals']['kv_width_fraction']:.3f}")
         print(f"  key ranks   {report['key_rank']}")

@@ -6,11 +6,12 @@
     make results                             # the same, after setting everything up
 
 Steps (each a command of its own, printed as it runs):
- 1. tools/quality_table.py  -> results/quality.json, results/quality.md (perplexity, ctx 512 x 8)
+ 1. tools/quality_table.py  -> results/quality.json, results/quality.md (perplexity and KL on the
+    held-out texts and the docs half, ctx 512 x 8, and the default files at ctx 2048 x 4)
  2. plot of (1)             -> results/quality.png
- 3. two conversions of the embedded SmolLM2 with the calibration statistics of (1):
-      lorc-0.5.gguf     calibrated, sensitivity ranks, KV width 0.5, hybrid 4 + 64 (the demo's file)
-      lorc-vfast.gguf   the decode-speed preset: keys dense, values at 0.25 (width 0.625), hybrid
+ 3. conversions of the embedded SmolLM2 with the calibration statistics of (1):
+      lorc-0.5.gguf     the converter's defaults at KV width 0.5 (the demo's file)
+      lorc-vfast.gguf   the decode-speed preset: keys dense, values at 0.25 (width 0.625)
       lorc-0.5-fast.gguf  the first with a 512-token exact window and k = 128 selected keys as the
                         file's decoding default (--recent-window 512 --decode-top-k 128)
     and the rank plot of the first -> results/ranks.png
@@ -82,13 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     stats = sorted(work.glob("stats-*.npz"))
     if not stats:
         sys.exit(f"error: no calibration statistics in {work}: run without --skip-quality first")
-    common = ["--calibration", stats[-1], "--sink-tokens", "4", "--no-progress", "--quiet"]
+    common = ["--calibration", stats[-1], "--no-progress", "--quiet"]
     main_file, fast_file = work / "lorc-0.5.gguf", work / "lorc-vfast.gguf"
     window_file = work / "lorc-0.5-fast.gguf"
-    run([py, "tools/convert.py", model, main_file, "--sensitivity", "--ratio", "0.5", "--recent-window", "64", *common])
-    run([py, "tools/convert.py", model, fast_file, "--sensitivity", "--values-only", "--ratio", "0.25",
-         "--recent-window", "64", *common])
-    run([py, "tools/convert.py", model, window_file, "--sensitivity", "--ratio", "0.5", "--recent-window", "512",
+    run([py, "tools/convert.py", model, main_file, "--ratio", "0.5", *common])
+    run([py, "tools/convert.py", model, fast_file, "--values-only", "--ratio", "0.25", *common])
+    run([py, "tools/convert.py", model, window_file, "--ratio", "0.5", "--recent-window", "512",
          "--decode-top-k", "128", *common])
     run([py, "tools/plot.py", "ranks", main_file, out / "ranks.png"])
 
@@ -109,20 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         stdout=out / "bench-plain.md")
     # what selective reconstruction costs in quality: it acts on single-token decoding only, so the
     # last 256 tokens of each 4K chunk are decoded one at a time and only they are scored
-    run([py, "tools/eval.py", model, main_file, "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
+    run([py, "tools/eval.py", model, main_file, "--text", "news", "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
          "--flash-attn", "off", "--lorc-top-k", TOP_K, "--quiet", "--json", out / "topk.json"], stdout=out / "topk.md")
     # the exact window as a speed lever: cells in it are never rebuilt, so a wider window lets a
     # smaller k keep quality; each window is the runtime's documented override of the file's 64
     for window in WINDOWS:
         env = ["env", f"LLAMA_LORC_RECENT_WINDOW={window}"]
-        run([*env, py, "tools/eval.py", model, main_file, "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
+        run([*env, py, "tools/eval.py", model, main_file, "--text", "news", "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
              "--flash-attn", "off", "--lorc-top-k", WINDOW_TOP_K, "--quiet", "--json", out / f"topk-w{window}.json"],
             stdout=out / f"topk-w{window}.md")
         run([*env, py, "tools/bench.py", model, main_file, "--ctx", "4096", *bench_opts, "--lorc-top-k", WINDOW_TOP_K,
              "--json", out / f"bench-w{window}.json"], stdout=out / f"bench-w{window}.md")
     # whether k still keeps quality at twice the context (SmolLM2's training length); --lorc-top-k
     # overrides the fast file's own k = 128 for the other rows
-    run([py, "tools/eval.py", model, window_file, "--ctx", "8192", "--chunks", "2", "--decode-tail", "256",
+    run([py, "tools/eval.py", model, window_file, "--text", "news", "--ctx", "8192", "--chunks", "2", "--decode-tail", "256",
          "--flash-attn", "off", "--lorc-top-k", WINDOW_TOP_K, "--quiet", "--json", out / "topk-8k-w512.json"],
         stdout=out / "topk-8k-w512.md")
     print(f"results in {out}: quality.md/json/png, bench.md/json, bench-plain.md/json, topk.md/json, "

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import allocate, aware, constants
-from .calibrate import DEFAULT_CALIB_TOKENS
+from .calibrate import BACKENDS, DEFAULT_CALIB_TOKENS
 from .convert import ALLOCATIONS, convert
 from .describe import describe, format_description
 from .errors import LorcError
@@ -86,6 +86,10 @@ def convert_parser() -> argparse.ArgumentParser:
                          "text file; or a .npz statistics cache")
     aw.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                     help=f"calibration tokens, in chunks of 512 (default {DEFAULT_CALIB_TOKENS})")
+    aw.add_argument("--calibration-backend", choices=BACKENDS, default="numpy",
+                    help="who runs the model over the calibration text: numpy (default: a float32 forward, the "
+                         "reference; records the query statistics --out-weight needs) or runtime (llama.cpp on the "
+                         "model's own weights, through a graph evaluation callback)")
     aw.add_argument("--imatrix", metavar="FILE",
                     help="llama.cpp importance matrix (llama-imatrix, GGUF or legacy .dat): per-channel mean "
                          "squares of the K/V inputs, used like the diagonal calibration statistics")
@@ -115,7 +119,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                          key_ratio=args.key_ratio, value_ratio=args.value_ratio, ranks=args.ranks,
                          rank_multiple=args.rank_multiple, outtype=args.outtype, progress=not args.no_progress,
                          data_free=args.data_free, method=args.method, calibration=args.calibration,
-                         calib_tokens=args.calib_tokens,
+                         calib_tokens=args.calib_tokens, calibration_backend=args.calibration_backend,
                          imatrix=args.imatrix, ridge=args.ridge, center=args.center, out_weight=args.out_weight,
                          sink_tokens=args.sink_tokens, recent_window=args.recent_window,
                          decode_top_k=args.decode_top_k,

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import allocate, aware, constants, corpus
-from .calibrate import DEFAULT_CALIB_TOKENS, CalibrationStats
+from .calibrate import BACKENDS, DEFAULT_CALIB_TOKENS, CalibrationStats
 from .allocate import Allocation, RankGrid
 from .arch import SIDES, ModelShape, Side
 from .errors import LorcError
@@ -72,6 +72,7 @@ class ConvertOptions:
     # statistics cache, or a CalibrationStats; None = "builtin" when the method needs statistics
     calibration: Any = None
     calib_tokens: int = DEFAULT_CALIB_TOKENS
+    calibration_backend: str = "numpy"  # calibrate.BACKENDS: who runs the model over the text
     imatrix: str | Path | None = None  # llama.cpp importance matrix (GGUF or legacy .dat)
     ridge: float = aware.DEFAULT_RIDGE
     center: bool = False
@@ -133,6 +134,12 @@ class ConvertOptions:
             raise LorcError(f"calibration tokens must be a positive integer, got {self.calib_tokens!r}")
         if not (math.isfinite(self.ridge) and self.ridge >= 0.0):
             raise LorcError(f"ridge must be >= 0, got {self.ridge}")
+        if self.calibration_backend not in BACKENDS:
+            raise LorcError(f"unknown calibration backend '{self.calibration_backend}' "
+                            f"(choose from {', '.join(BACKENDS)})")
+        if self.out_weight and self.calibration_backend == "runtime":
+            raise LorcError("--out-weight needs the query statistics only the numpy forward records: "
+                            "add --calibration-backend numpy")
         calibration = self.calibration
         if calibration is None and method != aware.SVD and self.imatrix is None:
             calibration = "builtin"
@@ -403,13 +410,18 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log) -> Calibr
         stats = calibrate.load_stats(cal)
     else:
         text, domains, what = _calibration_source(str(cal))
-        with tqdm(total=model.shape.n_layer, desc="calibration", unit="layer", disable=not opts.progress,
-                  leave=False) as bar:
+        with tqdm(desc="calibration", disable=not opts.progress, leave=False) as bar:
+            def step(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
             stats = calibrate.calibrate(model, text, n_tokens=opts.calib_tokens, full=opts.method == aware.WHITEN,
-                                        progress=lambda: bar.update(1), domains=domains)
+                                        progress=step, domains=domains, backend=opts.calibration_backend)
         notice(f"calibrated on {stats.n_tokens} tokens of {what}")
     if len(stats.layers) != model.shape.n_layer:
         raise LorcError(f"statistics cover {len(stats.layers)} layers, the model has {model.shape.n_layer}")
+    if opts.out_weight and any(s.q_pair is None for s in stats.layers):
+        raise LorcError("--out-weight needs query statistics, which these statistics lack (collected by the "
+                        "runtime, or an imatrix): calibrate with --calibration-backend numpy")
     if opts.method == aware.WHITEN and not stats.has_full():
         raise LorcError(f"{aware.WHITEN} needs full second moments; these statistics hold the diagonal only")
     return stats
@@ -438,7 +450,7 @@ def _add_aware_report(report: dict[str, Any], opts: ConvertOptions, stats: Calib
     if stats is None:
         return
     report["calibration"] = {"source": "imatrix" if opts.imatrix is not None else stats.source,
-                             "domains": stats.meta.get("domains"),
+                             "domains": stats.meta.get("domains"), "backend": stats.meta.get("backend"),
                              "imatrix": None if opts.imatrix is None else str(opts.imatrix),
                              "n_tokens": stats.n_tokens, "ridge": opts.ridge, "center": opts.center,
                              "out_weight": opts.out_weight}

@@ -223,6 +223,19 @@ def _allocate(model: SourceModel, spectra: Spectra, options: ConvertOptions,
     return allocate.progressive(spectra.key_condition, spectra.value_condition, kw, vw, **budget)
 
 
+class _Stages:
+    """Wall time per stage of a conversion (the report's ``seconds``; a stage met twice adds up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 def _ranks_need_statistics(options: ConvertOptions) -> bool:
     return options.allocation == aware.SENSITIVITY or (
         options.allocation == allocate.PROGRESSIVE and options.method != aware.SVD)
@@ -496,7 +509,9 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
             gguf_path, source_format = convert_folder(src_path, tmp / "model-f16.gguf"), "hf"
         else:
             gguf_path, source_format = src_path, "gguf"
+        stages = _Stages()
         model = open_gguf(gguf_path)
+        stages.done("load")
         opts = opts.for_model(model.shape, notice)
         quantized = model.quantized_weight_types()
         if quantized:
@@ -506,17 +521,21 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         n_weights = 2 * model.shape.n_layer
         with tqdm(total=n_weights, desc="spectra", unit="w", disable=not opts.progress, leave=False) as bar:
             spectra = compute_spectra(model.iter_weights(), on_step=lambda: bar.update(1))
+        stages.done("spectra")
         qtype = OUTTYPES[opts.outtype]
         # ranks that do not depend on the statistics are settled (and refused if the factor type
         # cannot hold them) before a calibration run that may take minutes
         allocation = None if _ranks_need_statistics(opts) else _allocate(model, spectra, opts)
         if allocation is not None:
             _check_factor_shapes(model, allocation, qtype)
+        stages.done("allocate")
         stats = _statistics(model, opts, notice)
+        stages.done("calibration")
         weighting = _Weighting(model, stats, opts.aware)
         if allocation is None:
             allocation = _allocate(model, spectra, opts, weighting)
             _check_factor_shapes(model, allocation, qtype)
+            stages.done("allocate")
         for msg in _ratio_notices(allocation, opts) + _top_k_notices(model.shape.architecture, allocation, opts):
             notice(msg)
 
@@ -528,6 +547,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
                                                                 opts.decode_top_k)
         alignment = model.meta.get(gguf.Keys.General.ALIGNMENT)
         write_gguf(dst_path, model.shape.architecture, metadata, plan, alignment=alignment, progress=opts.progress)
+        stages.done("factorize and write")
         bytes_in = gguf_path.stat().st_size
         shape = model.shape
         del model, plan  # release the memory map before a temporary HF GGUF is deleted
@@ -539,6 +559,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
                    bytes_in=bytes_in, bytes_out=dst_path.stat().st_size)
     report = build_report(shape, spectra, allocation, errors, info)
     _add_aware_report(report, opts, stats, weighting)
+    report["seconds"] = stages.seconds
     write_report(report, report_path(dst_path))
     return report
 

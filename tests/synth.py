@@ -32,6 +32,7 @@ ROPE_FREQ_BASE = 10000.0
 RMS_EPS = 1e-5
 
 QT = gguf.GGMLQuantizationType
+VT = gguf.GGUFValueType
 DTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -143,6 +144,69 @@ def make_llama_gguf(path: str | os.PathLike[str], n_layer: int = 4, n_embd: int 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --- real architectures' shapes, random quantized weights (tools/bench_convert.py) -----------------
+
+# the attention and FFN sizes of models people convert; a file may keep fewer layers (n_layer=...)
+# and a benchmark extrapolate per layer
+REAL_SHAPES: dict[str, dict[str, int]] = {
+    "llama-3.1-8b": dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_ff=14336),
+    "llama-3.1-70b": dict(n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, head_dim=128, n_ff=28672),
+    "qwen2.5-7b-as-llama": dict(n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, head_dim=128, n_ff=18944),
+}
+
+
+def _random_q4_0(rng: np.random.Generator, rows: int, fan_in: int) -> np.ndarray:
+    """Q4_0 blocks of a (rows, fan_in) weight with N(0, 1/fan_in)-like entries: random 4-bit codes
+    (uniform on -8..7, standard deviation 4.6) under one f16 scale, without a float matrix."""
+    n_blocks = rows * fan_in // 32
+    blocks = np.empty((n_blocks, 18), dtype=np.uint8)
+    blocks[:, :2] = np.full(n_blocks, 1.0 / (4.6 * np.sqrt(fan_in)), dtype=np.float16).view(np.uint8).reshape(-1, 2)
+    blocks[:, 2:] = rng.integers(0, 256, size=(n_blocks, 16), dtype=np.uint8)
+    return blocks.reshape(rows, fan_in // 32 * 18)
+
+
+def make_shaped_gguf(path: str | os.PathLike[str], shape: str = "llama-3.1-8b", n_layer: int | None = None,
+                     seed: int = 0) -> Path:
+    """A llama GGUF with a real model's shapes (``REAL_SHAPES``) and random Q4_0 weights (norms
+    f32, SmolLM2's tokenizer), written one tensor at a time: memory stays at one tensor however
+    large the model. Same arguments give byte-identical files."""
+    from lorc_gguf.write import NewTensor, write_gguf
+
+    dims = dict(REAL_SHAPES[shape])
+    if n_layer is not None:
+        dims["n_layer"] = n_layer
+    L, E, H, HKV, D, F = (dims[k] for k in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_ff"))
+    rng = np.random.default_rng(seed)
+    arch = "llama"
+    meta = [MetadataItem(k.format(arch=arch), v, t) for k, v, t in (
+        (gguf.Keys.General.NAME, f"synthetic {shape}", VT.STRING),
+        (gguf.Keys.LLM.BLOCK_COUNT, L, VT.UINT32), (gguf.Keys.LLM.CONTEXT_LENGTH, 131072, VT.UINT32),
+        (gguf.Keys.LLM.EMBEDDING_LENGTH, E, VT.UINT32), (gguf.Keys.LLM.FEED_FORWARD_LENGTH, F, VT.UINT32),
+        (gguf.Keys.Attention.HEAD_COUNT, H, VT.UINT32), (gguf.Keys.Attention.HEAD_COUNT_KV, HKV, VT.UINT32),
+        (gguf.Keys.Attention.KEY_LENGTH, D, VT.UINT32), (gguf.Keys.Attention.VALUE_LENGTH, D, VT.UINT32),
+        (gguf.Keys.Rope.DIMENSION_COUNT, D, VT.UINT32), (gguf.Keys.Rope.FREQ_BASE, 500000.0, VT.FLOAT32),
+        (gguf.Keys.Attention.LAYERNORM_RMS_EPS, RMS_EPS, VT.FLOAT32), (gguf.Keys.LLM.VOCAB_SIZE, VOCAB_SIZE, VT.UINT32),
+        (gguf.Keys.General.FILE_TYPE, int(gguf.LlamaFileType.MOSTLY_Q4_0), VT.UINT32))]
+    meta += list(smollm2_tokenizer_metadata())
+
+    def q4(name: str, rows: int, fan_in: int) -> NewTensor:
+        return NewTensor(name, (rows, fan_in), QT.Q4_0, lambda: _random_q4_0(rng, rows, fan_in))
+
+    def ones(name: str) -> NewTensor:
+        return NewTensor(name, (1, E), QT.F32, lambda: np.ones((1, E), dtype=np.float32))
+
+    plan = [q4("token_embd.weight", VOCAB_SIZE, E)]
+    for il in range(L):
+        plan += [ones(f"blk.{il}.attn_norm.weight"), q4(f"blk.{il}.attn_q.weight", H * D, E),
+                 q4(constants.TENSOR_K.format(bid=il), HKV * D, E), q4(constants.TENSOR_V.format(bid=il), HKV * D, E),
+                 q4(f"blk.{il}.attn_output.weight", E, H * D), ones(f"blk.{il}.ffn_norm.weight"),
+                 q4(f"blk.{il}.ffn_gate.weight", F, E), q4(f"blk.{il}.ffn_up.weight", F, E),
+                 q4(f"blk.{il}.ffn_down.weight", E, F)]
+    plan.append(ones("output_norm.weight"))
+    write_gguf(Path(path), arch, meta, plan, progress=False)
+    return Path(path)
 
 
 # --- Hugging Face folders ----------------------------------------------------------------------

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Wall time per stage and peak memory of tools/convert.py on a synthetic GGUF with a real model's
+shapes (random Q4_0 weights, written once into --workdir).
+
+    python tools/bench_convert.py --shape llama-3.1-8b --json results/bench-convert-8b.json
+    python tools/bench_convert.py --shape llama-3.1-70b --layers 4     # extrapolated per layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lorc_gguf.convert_bench import bench_convert, format_bench_convert  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama-3.1-8b", help="llama-3.1-8b, llama-3.1-70b, qwen2.5-7b-as-llama")
+    ap.add_argument("--layers", type=int, default=None, help="keep this many layers (default: all)")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--backend", default="runtime", choices=("runtime", "numpy"))
+    ap.add_argument("--runs", default="data-free,calibrated")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lorc-bench-convert"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    result = bench_convert(args.shape, args.workdir, n_layer=args.layers, calib_tokens=args.calib_tokens,
+                           backend=args.backend, runs=tuple(args.runs.split(",")),
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json:
+        import json
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_bench_convert(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ rule), through the patched llama.cpp runtime. Rows: the original with f16, q8_0 
 (flash attention for the quantized ones), and LoRC at KV widths 0.75 / 0.5 / 0.35 with data-free
 SVD (uniform, progressive) and calibrated SVD (progressive, sensitivity), each with the plain
 latent cache and with the hybrid cache (first 4 and last 64 positions exact: every file is
-converted with those defaults and read once with LLAMA_LORC_SINK_TOKENS=LLAMA_LORC_RECENT_WINDOW=0),
+converted with those defaults and read once with the runtime settings lorc_sink_tokens = lorc_recent_window = 0),
 plus the calibrated-sensitivity files with a q8_0 latent cache. Cache bytes are relative to the
 original's f16 cache (q8_0 = 34/64 of f16 per element, q4_0 = 18/64); the hybrid rows hold
 4 + 64 exact cells per layer on top, a constant (68/512 of a full f16 cache at ctx 512,
@@ -34,7 +34,7 @@ from lorc_gguf import calibrate as cal  # noqa: E402
 from lorc_gguf.convert import convert  # noqa: E402
 from lorc_gguf.load import open_gguf  # noqa: E402
 from lorc_gguf.models import smollm2_path  # noqa: E402
-from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs  # noqa: E402
+from lorc_gguf.session import Session, SessionParams, silence_llama_logs  # noqa: E402
 
 CACHE_BYTES = {"f16": 1.0, "q8_0": 34 / 64, "q4_0": 18 / 64}  # per element, relative to f16
 WIDTHS = (0.75, 0.5, 0.35)
@@ -50,10 +50,12 @@ def eval_chunks(model: Path, n_chunks: int, n_ctx: int = 512) -> np.ndarray:
         tok.close()
 
 
-def perplexity(path: Path, chunks: np.ndarray, cache: str = "f16", flash_attn: bool = False) -> float:
+def perplexity(path: Path, chunks: np.ndarray, cache: str = "f16", flash_attn: bool = False,
+               exact_window: tuple[int, int] = (0, 0)) -> float:
     n_ctx = chunks.shape[1]
     params = SessionParams(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, flash_attn=flash_attn,
-                           cache_type_k=cache, cache_type_v=cache)
+                           cache_type_k=cache, cache_type_v=cache,
+                           lorc_sink_tokens=exact_window[0], lorc_recent_window=exact_window[1])
     nll, n = 0.0, 0
     with Session(path, params) as s:
         for c in chunks:
@@ -92,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             hybrid: bool = False) -> None:
         t0 = time.perf_counter()
         sizes = (SINK_TOKENS, RECENT_WINDOW) if hybrid else (0, 0)
-        with hybrid_override(*sizes):
-            ppl = perplexity(path, chunks, cache, flash)
+        ppl = perplexity(path, chunks, cache, flash, sizes)
         row = {"config": name + (f", hybrid {SINK_TOKENS}+{RECENT_WINDOW}" if hybrid else ""), "kv_width": width,
                "cache": cache, "flash_attn": flash, "cache_bytes_vs_f16": width * CACHE_BYTES[cache],
                "exact_cells": SINK_TOKENS + RECENT_WINDOW if hybrid else 0, "ppl": ppl, **(extra or {})}

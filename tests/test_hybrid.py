@@ -106,6 +106,18 @@ def test_sinks_survive_the_exact_store_wrapping(models):
     np.testing.assert_allclose(np.concatenate([prefill, steps]), want, atol=1e-3)
 
 
+def test_sinks_only_see_the_token_itself_exactly(models):
+    # W = 0: the exact store keeps the sinks and, its window being at least one position, the token
+    # being processed; the latent store masks what the exact store shows, so every cell counts once
+    # (counting the token in both stores moved logits by ~2.4). Tolerance as in
+    # test_mixed_case_matches_reference_rule
+    tokens = prompt(64, seed=8)
+    want = reference.forward(models["original"], tokens, models["plain"],
+                             exact=lambda p0, p1: p0 < SINKS or p0 == p1)
+    got = run(models["hybrid"], tokens, lorc_recent_window=0, **F32)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
 def test_everything_exact_is_the_original_model(models):
     tokens = prompt(64, seed=1)
     got = run(models["hybrid"], tokens, lorc_recent_window=256, **F32)

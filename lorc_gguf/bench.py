@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorcError
-from .evaluate import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, ModelConfig, _table, bos_token, check_unique_labels,
-                       decode_tokens, default_threads, eval_text, expand_top_k, gguf_info, lorc_ranks, machine_info,
-                       make_config, measure_kv_bytes, open_session, parse_flash_attn, parse_top_k,
-                       resolve_model_path, runtime_overrides, versions)
+from .evaluate import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, ModelConfig, _table, add_settings_arguments, bos_token,
+                       check_unique_labels, decode_tokens, default_threads, eval_text, expand_top_k, gguf_info,
+                       lorc_ranks, machine_info, make_config, measure_kv_bytes, open_session, parse_flash_attn,
+                       parse_top_k, resolve_model_path, runtime_overrides, versions, with_settings)
 
 DEFAULT_CONTEXTS = (512, 2048, 4096, 8192)
 QUICK_CONTEXTS = (256, 1024)
@@ -110,7 +110,8 @@ def _prompt(session, n: int) -> list[int]:
 
 def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: int = DEFAULT_REPEATS,
               decode_tokens_n: int = DEFAULT_DECODE_TOKENS, threads: int | None = None, n_batch: int = DEFAULT_BATCH,
-              budget_mib: float | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              budget_mib: float | None = None, log: Callable[[str], None] | None = None,
+              settings: dict[str, int] | None = None) -> dict[str, Any]:
     if not configs:
         raise LorcError("no configurations to benchmark")
     if repeats < 1:
@@ -168,7 +169,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
         if budget_mib is not None:
             row["budget_ctx"] = max(0, int((budget_mib * MIB - b.exact_bytes) // b.per_token))
         config_rows.append(row)
-    return {"tool": "bench", "machine": machine, "versions": versions(), "runtime_overrides": runtime_overrides(),
+    return {"tool": "bench", "machine": machine, "versions": versions(), "runtime_overrides": dict(settings or {}),
             "settings": {"contexts": contexts, "repeats": repeats, "decode_tokens": decode_tokens_n,
                          "n_batch": n_batch, "threads": threads, "budget_mib": budget_mib,
                          "statistic": "median over repeats",
@@ -234,7 +235,8 @@ def bench_parser():
                     "model with (default q8_0; '' for none)")
     ap.add_argument("--lorc-top-k", metavar="K,...",
                     help="run every LoRC model once per value with selective reconstruction of K keys per "
-                         "decoded token (LLAMA_LORC_TOP_K; 0 = all keys), e.g. 0,1024,512")
+                         "decoded token (lorc_top_k; 0 = all keys), e.g. 0,1024,512")
+    add_settings_arguments(ap)
     ap.add_argument("--flash-attn", default="auto", choices=FLASH_ATTN_CHOICES,
                     help="flash attention for every config (default auto = on; quantized V caches need it)")
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"prefill batch (default {DEFAULT_BATCH})")
@@ -283,11 +285,13 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         if args.quick and args.cache_types == ap.get_default("cache_types"):
             cache_types = ["q8_0"]
         configs = build_configs(original, lorc, cache_types, _csv(args.lorc_cache_types, str, "--lorc-cache-types"), fa)
-        configs = expand_top_k(configs, parse_top_k(args.lorc_top_k))
+        settings = runtime_overrides(args)
+        configs = expand_top_k(with_settings(configs, settings), parse_top_k(args.lorc_top_k))
         contexts = _csv(args.ctx, int, "--ctx") or default_contexts(n_ctx_train(original.path), args.quick)
         repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
         n_decode = args.decode_tokens or (8 if args.quick else DEFAULT_DECODE_TOKENS)
-        return run_bench(configs, contexts, repeats, n_decode, args.threads, args.batch, args.budget_mib, log)
+        return run_bench(configs, contexts, repeats, n_decode, args.threads, args.batch, args.budget_mib, log,
+                         settings)
 
     def plot(report: dict[str, Any], path: str) -> None:
         from .plots import plot_speed

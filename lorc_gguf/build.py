@@ -1,9 +1,11 @@
-"""Build the patched runtime: pinned llama-cpp-python sdist + ``patches/llama.cpp`` series.
+"""Build the patched runtime: pinned llama-cpp-python sdist + the ``patches/llama.cpp`` series (the
+runtime) + the ``patches/llama-cpp-python`` series (its Python bindings).
 
-Steps: verify the sdist (``sdist.py``), copy it, apply the series to ``vendor/llama.cpp`` (failing
-loudly, naming the patch and hunk), build a wheel with pip (scikit-build-core drives CMake) and
-install it into the running interpreter's environment. Wheels are cached by
-(sdist sha256, series hash, CMake flags), so a second run only reinstalls.
+Steps: verify the sdist (``sdist.py``), copy it, apply the llama.cpp series to ``vendor/llama.cpp``
+and the bindings series to the sdist root (failing loudly, naming the patch and hunk), build a wheel
+with pip (scikit-build-core drives CMake) and install it into the running interpreter's
+environment. Wheels are cached by (sdist sha256, both series' hashes, CMake flags), so a second run
+only reinstalls.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from . import sdist
 
@@ -93,6 +96,7 @@ def native_compiler_flags(log=print) -> str:
 class Series:
     directory: Path
     patches: tuple[Path, ...]
+    target: str = "vendor/llama.cpp"  # where inside the sdist ``patch -p1`` applies them
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -101,39 +105,46 @@ class Series:
         return h.hexdigest()
 
 
-def read_series(directory: Path = sdist.PATCH_DIR) -> Series:
+def read_series(directory: Path = sdist.PATCH_DIR, target: str = "vendor/llama.cpp") -> Series:
     series_file = directory / "series"
     names = [line.split("#", 1)[0].strip() for line in series_file.read_text().splitlines()]
     patches = tuple(directory / name for name in names if name)
     missing = [p.name for p in patches if not p.exists()]
     if missing:
         raise BuildError(f"{series_file}: listed patches missing: {', '.join(missing)}")
-    return Series(directory, patches)
+    return Series(directory, patches, target)
 
 
-def apply_series(series: Series, llama_cpp_dir: Path, log=print) -> None:
-    """Apply every patch in order with ``patch -p1``; a failure names the patch and the hunk."""
+def read_runtime_series() -> tuple[Series, Series]:
+    """The llama.cpp series (inside vendor/llama.cpp) and the bindings series (at the sdist root)."""
+    return read_series(), read_series(sdist.BINDINGS_PATCH_DIR, ".")
+
+
+def apply_series(series: Series, sdist_root: Path, log=print) -> None:
+    """Apply every patch in order with ``patch -p1`` inside ``sdist_root / series.target``; a
+    failure names the patch and the hunk."""
     if shutil.which("patch") is None:
         raise BuildError("the 'patch' program is required (apt-get install patch)")
     for patch in series.patches:
-        cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-d", str(llama_cpp_dir),
+        cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-d", str(sdist_root / series.target),
                "-i", str(patch)]
         dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
         if dry.returncode != 0:
             failed = [line for line in dry.stdout.splitlines() if "FAILED" in line or "can't find" in line
                       or "Reversed" in line or "malformed" in line]
             detail = "\n  ".join(failed or dry.stdout.strip().splitlines()[-5:])
-            raise BuildError(f"patch {patch.name} does not apply to the pinned llama.cpp:\n  {detail}")
+            raise BuildError(f"patch {patch.name} does not apply to the pinned sdist ({series.target}):\n  {detail}")
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         log(f"applied {patch.name}")
 
 
-def patched_tree(series: Series, dest: Path, log=print) -> Path:
-    """Fresh copy of the pinned sdist with the series applied; returns the sdist root."""
+def patched_tree(series: Sequence[Series], dest: Path, log=print) -> Path:
+    """Fresh copy of the pinned sdist with every series applied; returns the sdist root."""
     pristine = sdist.pristine_tree(log=log)
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(pristine, dest, symlinks=True)
-    apply_series(series, dest / "vendor" / "llama.cpp", log)
+    for s in series:
+        apply_series(s, dest, log)
     return dest
 
 
@@ -149,11 +160,11 @@ class BuildOptions:
         return [*BASE_CMAKE_ARGS, *(SHORTCUTS[s] for s in self.shortcuts), *self.cmake_args]
 
 
-def cache_key(series: Series, options: BuildOptions) -> str:
+def cache_key(series: Sequence[Series], options: BuildOptions) -> str:
     pin = sdist.read_pin()
     h = hashlib.sha256()
-    for part in (pin.sha256, series.digest(), " ".join(options.all_cmake_args()), sys.version.split()[0],
-                 options.compiler_flags):
+    for part in (pin.sha256, *(s.digest() for s in series), " ".join(options.all_cmake_args()),
+                 sys.version.split()[0], options.compiler_flags):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -168,7 +179,7 @@ def _compiler_env(options: BuildOptions) -> dict[str, str]:
 
 
 def build_wheel(options: BuildOptions, log=print) -> Path:
-    series = read_series()
+    series = read_runtime_series()
     key = cache_key(series, options)
     wheel_dir = sdist.cache_dir() / "wheels" / key
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.exists() else []
@@ -213,7 +224,7 @@ def install_wheel(wheel: Path, log=print) -> None:
 
 def build_tools(options: BuildOptions, targets=TOOL_TARGETS, log=print) -> Path:
     """Build llama.cpp's own programs from the same patched tree; returns the bin directory."""
-    series = read_series()
+    series = read_runtime_series()
     key = cache_key(series, options)
     root = sdist.cache_dir() / "tools" / key
     bin_dir = root / "build" / "bin"

@@ -73,7 +73,7 @@ def convert_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-top-k", type=int, default=0, metavar="K",
                     help="selective reconstruction by default: a decoded token rebuilds only the K latent keys "
                          "per layer that score best in latent space (default 0 = every key; the runtime's "
-                         "LLAMA_LORC_TOP_K overrides it). A wider --recent-window lets a smaller K keep quality")
+                         "context parameter lorc_top_k overrides it). A wider --recent-window lets a smaller K keep quality")
     aw = ap.add_argument_group("activation-aware factorization (minimise the K/V output error on real inputs)")
     aw.add_argument("--method", choices=list(aware.METHODS),
                     help="svd-whiten (default): SVD of W*L, L L^T = E[x x^T] + ridge, on --calibration statistics. "

@@ -60,7 +60,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "kv_width_fraction": kept / dense,
         "bytes_per_token_f16_dense": dense * F16_BYTES,
         "bytes_per_token_f16": kept * F16_BYTES,
-        # runtime defaults the file carries (LLAMA_LORC_* environment variables override them)
+        # runtime defaults the file carries (the runtime's lorc_* context parameters override them)
         "sink_tokens": int(meta.get(constants.KEY_SINK_TOKENS) or 0),
         "recent_window": int(meta.get(constants.KEY_RECENT_WINDOW) or 0),
         "decode_top_k": int(meta.get(constants.KEY_DECODE_TOP_K) or 0),
@@ -94,11 +94,11 @@ def format_description(info: dict[str, Any]) -> str:
                  f"f16 cache {info['bytes_per_token_f16']} bytes/token "
                  f"(dense {info['bytes_per_token_f16_dense']})")
     if info["lorc"]:
-        hybrid = (f"hybrid cache, {info['sink_tokens']} sink tokens + {info['recent_window']} recent exact"
+        hybrid = (f"exact window, {info['sink_tokens']} sink tokens + {info['recent_window']} recent exact"
                   if info["sink_tokens"] or info["recent_window"] else "plain latent cache")
         top_k = (f"decoding rebuilds the {info['decode_top_k']} best latent keys" if info["decode_top_k"]
                  else "decoding rebuilds every latent key")
-        lines.append(f"runtime defaults: {hybrid}; {top_k} (LLAMA_LORC_* variables override)")
+        lines.append(f"runtime defaults: {hybrid}; {top_k} (lorc_* context parameters override)")
     if not kappa and info["lorc"]:
         lines.append(f"(no kappa profile: {report_path(Path(info['path'])).name} not found beside the file)")
     return "\n".join(lines)

@@ -35,8 +35,7 @@ import numpy as np
 
 from . import constants
 from .errors import LorcError
-from .session import (CACHE_TYPES, HYBRID_ENV, TOP_K_ENV, Session, SessionParams, hybrid_override,
-                      silence_llama_logs, top_k_override)
+from .session import CACHE_TYPES, Session, SessionParams, silence_llama_logs
 from . import corpus
 from .corpus import calibration_text, eval_text, pydoc_text  # noqa: F401 (re-exported)
 
@@ -148,28 +147,28 @@ def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(_gguf_info(str(Path(path).resolve()), st.st_mtime_ns, st.st_size))
 
 
-def _runtime_default(path: str | os.PathLike[str], key: str, env: str) -> int:
-    """A runtime default as the runtime resolves it at load: the file's ``key`` (a gguf_info
-    field) unless the environment variable ``env`` overrides it; 0 for an ordinary model."""
+def _runtime_default(path: str | os.PathLike[str], key: str, value: int | None) -> int:
+    """A runtime setting as the runtime resolves it for a context: ``value`` (the context
+    parameter), or the file's ``key`` (a gguf_info field) for None; 0 for an ordinary model."""
     info = gguf_info(path)
     if not info["lorc_version"]:
         return 0
-    value = os.environ.get(env)
     return info[key] if value is None else int(value)
 
 
-def hybrid_in_effect(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(sink tokens, recent window) of the hybrid cache the runtime gives a file: its
-    lorc.sink_tokens / lorc.recent_window unless LLAMA_LORC_SINK_TOKENS / LLAMA_LORC_RECENT_WINDOW
-    override them; (0, 0) for a plain latent cache or an ordinary model."""
-    sinks, window = (_runtime_default(path, key, env) for key, env in zip(("sink_tokens", "recent_window"), HYBRID_ENV))
-    return sinks, window
+def hybrid_in_effect(path: str | os.PathLike[str], sink_tokens: int | None = None,
+                     recent_window: int | None = None) -> tuple[int, int]:
+    """(sink tokens, recent window) of the exact window the runtime gives a file: the settings
+    passed, or for None the file's lorc.sink_tokens / lorc.recent_window; (0, 0) for a plain latent
+    cache or an ordinary model."""
+    return (_runtime_default(path, "sink_tokens", sink_tokens),
+            _runtime_default(path, "recent_window", recent_window))
 
 
-def top_k_in_effect(path: str | os.PathLike[str]) -> int:
-    """The selective-reconstruction k the runtime gives a file's decoded tokens: its
-    lorc.decode_top_k unless LLAMA_LORC_TOP_K overrides it; 0 (every key) for an ordinary model."""
-    return _runtime_default(path, "decode_top_k", TOP_K_ENV)
+def top_k_in_effect(path: str | os.PathLike[str], top_k: int | None = None) -> int:
+    """The selective-reconstruction k the runtime gives a file's decoded tokens: ``top_k``, or for
+    None the file's lorc.decode_top_k; 0 (every key) for an ordinary model."""
+    return _runtime_default(path, "decode_top_k", top_k)
 
 
 def lorc_ranks(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -191,7 +190,10 @@ class ModelConfig:
     cache_type_v: str = "f16"
     flash_attn: bool | None = None
     label: str = ""
-    lorc_top_k: int | None = None  # LLAMA_LORC_TOP_K for a LoRC model (None: the file's or the environment's)
+    # the LoRC runtime's settings for a LoRC model (None: the file's default, see SessionParams)
+    lorc_top_k: int | None = None
+    lorc_sink_tokens: int | None = None
+    lorc_recent_window: int | None = None
 
     @property
     def fa(self) -> bool:
@@ -205,12 +207,15 @@ class ModelConfig:
     def params(self, n_ctx: int, n_batch: int, threads: int, n_seq_max: int = 1) -> SessionParams:
         return SessionParams(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max,
                              flash_attn=self.fa, cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-                             n_threads=threads)
+                             n_threads=threads, lorc_sink_tokens=self.lorc_sink_tokens,
+                             lorc_recent_window=self.lorc_recent_window, lorc_top_k=self.lorc_top_k)
 
     def describe(self) -> dict[str, Any]:
+        sinks, window = hybrid_in_effect(self.path, self.lorc_sink_tokens, self.lorc_recent_window)
         return {"label": self.label, "path": str(self.path), "cache_type_k": self.cache_type_k,
                 "cache_type_v": self.cache_type_v, "flash_attn": self.fa,
-                "lorc_top_k": self.lorc_top_k if self.lorc_top_k is not None else top_k_in_effect(self.path)}
+                "lorc_top_k": top_k_in_effect(self.path, self.lorc_top_k),
+                "lorc_sink_tokens": sinks, "lorc_recent_window": window}
 
 
 def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:
@@ -276,8 +281,7 @@ def open_session(config: ModelConfig, n_ctx: int, n_batch: int, threads: int, n_
         except runtime.RuntimeNotPatched as e:
             raise LorcError(str(e)) from e
     try:
-        with top_k_override(config.lorc_top_k):
-            return Session(config.path, config.params(n_ctx, n_batch, threads, n_seq_max))
+        return Session(config.path, config.params(n_ctx, n_batch, threads, n_seq_max))
     except RuntimeError as e:
         raise LorcError(f"{config.label}: {e}") from e
 
@@ -400,17 +404,17 @@ def _cache_bytes_per_value(cache_type: str) -> float:
 def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> KvBytes:
     """Bytes per token from the growth of the runtime's sequence state over a short probe.
 
-    A hybrid cache serializes only the exact cells a query can still see, so while the probe runs
+    An exact window serializes only the exact cells a query can still see, so while the probe runs
     its exact store grows and then stops at sinks + window: the per-token figure is measured on the
-    same file as a plain latent cache (the runtime's 0/0 override), and the exact cells, full-width
-    K and V of every layer in the session's cache types, are reported per sequence."""
+    same file as a plain latent cache (0/0 settings), and the exact cells, full-width K and V of
+    every layer in the session's cache types, are reported per sequence."""
     probe = list(tokens[:min(KV_PROBE_TOKENS, session.params.n_ctx)])
-    sinks, window = hybrid_in_effect(session.path)
+    sinks, window = hybrid_in_effect(session.path, session.params.lorc_sink_tokens, session.params.lorc_recent_window)
     if not sinks + window:
         raw = session.kv_bytes_per_token(probe)
         session.clear()
         return KvBytes(raw, raw - CELL_METADATA_BYTES)
-    with hybrid_override(0, 0), Session(session.path, session.params) as plain:
+    with Session(session.path, replace(session.params, lorc_sink_tokens=0, lorc_recent_window=0)) as plain:
         latent = plain.kv_bytes_per_token(probe)
     info = gguf_info(session.path)
     per_cell = info["n_layer"] * (info["key_width"] * _cache_bytes_per_value(session.params.cache_type_k) +
@@ -421,7 +425,7 @@ def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> KvBytes:
 def decode_chunk(session: Session, chunk: Sequence[int], first: int, decode_tail: int = 0) -> np.ndarray:
     """Logits at positions ``first..len(chunk)-1`` of a chunk decoded from position 0. The last
     ``decode_tail`` tokens are decoded one per llama_decode call, as generation runs them (the
-    LoRC runtime's selective reconstruction, LLAMA_LORC_TOP_K, acts only on such calls)."""
+    LoRC runtime's selective reconstruction, lorc_top_k, acts only on such calls)."""
     n = len(chunk)
     split = n - decode_tail if decode_tail > 0 else n
     rows = [decode_tokens(session, chunk[:split], 0, outputs_from=first)]
@@ -434,7 +438,7 @@ def decode_chunk(session: Session, chunk: Sequence[int], first: int, decode_tail
 
 def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, n_chunks: int = DEFAULT_CHUNKS,
              threads: int | None = None, n_batch: int | None = None, decode_tail: int = 0,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None, settings: dict[str, int] | None = None) -> dict[str, Any]:
     """Perplexity of every config on ``text``; KL, top-1 agreement and KV ratio against the first.
     With ``decode_tail`` N, the last N tokens of each chunk are decoded one at a time and only they
     are scored (instead of the second half)."""
@@ -517,7 +521,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
         "models": results,
         "machine": machine_info(threads),
         "versions": versions(),
-        "runtime_overrides": runtime_overrides(),
+        "runtime_overrides": dict(settings or {}),
     }
 
 
@@ -740,10 +744,26 @@ def machine_info(threads: int) -> dict[str, Any]:
             "platform": platform.platform(), "loadavg": load}
 
 
-def runtime_overrides() -> dict[str, str]:
-    """The LLAMA_LORC_* variables in effect for the whole run (hybrid sizes, top-k): the runtime
-    reads them at load time, so results measured under them are not the file's defaults."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLAMA_LORC_")}
+def runtime_overrides(args) -> dict[str, int]:
+    """The LoRC runtime settings a command line passed for every model (--lorc-sink-tokens,
+    --lorc-recent-window): results measured under them are not the files' defaults."""
+    return {name: getattr(args, name) for name in ("lorc_sink_tokens", "lorc_recent_window")
+            if getattr(args, name) is not None}
+
+
+def with_settings(configs: Sequence[ModelConfig], settings: dict[str, int]) -> list[ModelConfig]:
+    """Every config run with these LoRC runtime settings (an ordinary model ignores them)."""
+    return [replace(c, **settings) for c in configs]
+
+
+def add_settings_arguments(ap) -> None:
+    """--lorc-sink-tokens / --lorc-recent-window of the eval and bench commands."""
+    ap.add_argument("--lorc-sink-tokens", type=int, metavar="N",
+                    help="run every LoRC model with exact K/V for its first N positions (default: each file's "
+                         "lorc.sink_tokens; 0 together with --lorc-recent-window 0 = the plain latent cache)")
+    ap.add_argument("--lorc-recent-window", type=int, metavar="N",
+                    help="run every LoRC model with exact K/V for its last N positions (default: each file's "
+                         "lorc.recent_window)")
 
 
 def versions() -> dict[str, Any]:
@@ -809,8 +829,9 @@ def eval_parser():
     ap.add_argument("--batch", type=int, help="tokens per llama_decode call (default: --ctx)")
     ap.add_argument("--lorc-top-k", metavar="K,...",
                     help="also run every LoRC model with selective reconstruction of K keys per decoded "
-                         "token (LLAMA_LORC_TOP_K; 0 = all keys), e.g. 0,1024,512; it acts on single-token "
+                         "token (lorc_top_k; 0 = all keys), e.g. 0,1024,512; it acts on single-token "
                          "decoding only, so combine it with --decode-tail")
+    add_settings_arguments(ap)
     ap.add_argument("--decode-tail", type=int, default=0, metavar="N",
                     help="decode the last N tokens of each chunk one at a time, as generation does, and "
                          "score only them (default 0: prefill whole chunks, score the second half)")
@@ -941,12 +962,14 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         labels = _labels(args.labels, len(args.models))
         configs = [parse_model_spec(m, args.cache_type_k, args.cache_type_v, fa, lab)
                    for m, lab in zip(args.models, labels)]
-        configs = expand_top_k(configs, parse_top_k(args.lorc_top_k))
+        settings = runtime_overrides(args)
+        configs = expand_top_k(with_settings(configs, settings), parse_top_k(args.lorc_top_k))
         texts = parse_texts(args.text)
         if args.plot and len(texts) > 1:
             raise LorcError("--plot draws one text: give a single --text")
         return evaluate_texts(configs, texts, ctx=args.ctx, n_chunks=args.chunks, threads=args.threads,
-                              n_batch=args.batch, decode_tail=args.decode_tail, log=None if args.quiet else _stderr)
+                              n_batch=args.batch, decode_tail=args.decode_tail,
+                              log=None if args.quiet else _stderr, settings=settings)
 
     return run_cli(produce, format_eval_report, args.json, _plot_pareto, args.plot)
 

@@ -21,15 +21,15 @@ from typing import Any
 from . import calibrate as cal
 from . import constants, corpus
 from .convert import convert
-from .evaluate import ModelConfig, evaluate, make_config, read_text
+from .evaluate import ModelConfig, evaluate, make_config, read_text, with_settings
 from .load import open_gguf
-from .session import hybrid_override
 
 WIDTHS = (0.75, 0.5, 0.35)
 TEXTS = corpus.HELD_OUT_DOMAINS + ("docs",)
 # prompt tokens per llama_decode call (llama.cpp's default n_ubatch): the same for every row and context
 N_BATCH = 512
 
+PLAIN_SETTINGS = {"lorc_sink_tokens": 0, "lorc_recent_window": 0}  # the same file read as a plain latent cache
 PLAIN, EXACT, EXACT_Q8 = "plain latent cache", "exact sinks + window", "exact sinks + window, q8_0 latent cache"
 
 
@@ -69,19 +69,12 @@ def _score(groups: dict[bool, list[ModelConfig]], text: str, ctx: int, n_chunks:
     for plain, configs in groups.items():
         if len(configs) < 2 and plain:
             continue
-        with hybrid_override(0, 0) if plain else _nothing():
-            report = evaluate(configs, text, ctx=ctx, n_chunks=n_chunks, threads=threads, n_batch=N_BATCH)
+        settings = PLAIN_SETTINGS if plain else {}
+        report = evaluate(with_settings(configs, settings), text, ctx=ctx, n_chunks=n_chunks, threads=threads,
+                          n_batch=N_BATCH, settings=settings)
         for m in report["models"]:
             out.setdefault(m["label"], m)
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def quality_table(model: Path, workdir: Path, texts: Sequence[str] = TEXTS, widths: Sequence[float] = WIDTHS,
@@ -220,8 +213,9 @@ def _scored_rows(configs: list[ModelConfig], rows: list[dict[str, Any]], texts: 
                  override: tuple[int, int] | None = None) -> None:
     for text_name in texts:
         text, sources[text_name] = read_text(text_name)
-        with hybrid_override(*override) if override else _nothing():
-            report = evaluate(configs, text, ctx=ctx, n_chunks=n_chunks, threads=threads, n_batch=N_BATCH)
+        settings = {} if override is None else {"lorc_sink_tokens": override[0], "lorc_recent_window": override[1]}
+        report = evaluate(with_settings(configs, settings), text, ctx=ctx, n_chunks=n_chunks, threads=threads,
+                          n_batch=N_BATCH, settings=settings)
         base = report["models"][0]["ppl"]
         for row, m in zip(rows, report["models"][1:]):
             row["results"][text_name] = {"ppl": m["ppl"], "vs_original": m["ppl"] / base - 1.0, "kl": m["kl_mean"]}
@@ -265,10 +259,9 @@ def defaults_study(model: Path, workdir: Path, width: float = 0.5, texts: Sequen
         convert(model, default_file, ratio=width, progress=False)
     for w in windows:
         window_rows.append({"sink_tokens": constants.DEFAULT_SINK_TOKENS, "recent_window": w, "results": {}})
-        with hybrid_override(constants.DEFAULT_SINK_TOKENS, w):
-            # the exact store is sized when the model loads: one run per window
-            _scored_rows([original, make_config(default_file, label=f"W = {w}")], window_rows[-1:], texts,
-                         window_ctx, window_chunks, threads, sources, log)
+        _scored_rows([original, make_config(default_file, label=f"W = {w}")], window_rows[-1:], texts,
+                     window_ctx, window_chunks, threads, sources, log,
+                     override=(constants.DEFAULT_SINK_TOKENS, w))
     return {"tool": "defaults_study", "model": str(model), "width": width, "texts": sources,
             "calibration": {"eval": {"n_ctx": ctx, "n_chunks": n_chunks, "n_batch": N_BATCH}, "rows": rows},
             "window": {"eval": {"n_ctx": window_ctx, "n_chunks": window_chunks, "n_batch": N_BATCH},

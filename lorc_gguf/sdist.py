@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PATCH_DIR = REPO_ROOT / "patches" / "llama.cpp"
+PATCH_DIR = REPO_ROOT / "patches" / "llama.cpp"  # applied inside vendor/llama.cpp
+BINDINGS_PATCH_DIR = REPO_ROOT / "patches" / "llama-cpp-python"  # applied at the sdist root
 PIN_FILE = PATCH_DIR / "PIN"
 
 

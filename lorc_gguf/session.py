@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -35,47 +34,8 @@ def silence_llama_logs() -> None:
 
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 
-
-HYBRID_ENV = ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW")
-TOP_K_ENV = "LLAMA_LORC_TOP_K"
-PREFILL_BLOCK_ENV = "LLAMA_LORC_PREFILL_BLOCK"
-
-
-@contextmanager
-def _env_override(values: dict[str, int | None]):
-    # the runtime reads these when a model is loaded; None leaves a variable as it is
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is not None:
-                os.environ[key] = str(int(value))
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def hybrid_override(sink_tokens: int | None = None, recent_window: int | None = None):
-    """Models loaded inside use these hybrid-cache sizes instead of the file's defaults (the
-    runtime's documented environment overrides; None leaves one as it is). (0, 0) gives the plain
-    latent cache of a hybrid file."""
-    return _env_override(dict(zip(HYBRID_ENV, (sink_tokens, recent_window))))
-
-
-def top_k_override(top_k: int | None):
-    """Models loaded inside rebuild only the ``top_k`` best-scoring latent keys per decoded token
-    (LLAMA_LORC_TOP_K; 0 = every key, None leaves the variable as it is)."""
-    return _env_override({TOP_K_ENV: top_k})
-
-
-def prefill_block_override(n_block: int | None):
-    """Models loaded inside take a hybrid cache's prompt queries in blocks of up to ``n_block``
-    tokens, each against only the exact cells its window reaches (LLAMA_LORC_PREFILL_BLOCK;
-    0 = every query against the whole exact store, None leaves the variable as it is)."""
-    return _env_override({PREFILL_BLOCK_ENV: n_block})
+# SessionParams fields passed as the llama_context_params fields of the same names (-1 for None)
+LORC_SETTINGS = ("lorc_sink_tokens", "lorc_recent_window", "lorc_prefill_block", "lorc_top_k")
 
 
 @dataclass(frozen=True)
@@ -92,6 +52,14 @@ class SessionParams:
     # default is the full context)
     swa_full: bool = True
     n_threads: int = max(1, os.cpu_count() or 1)
+    # the LoRC runtime's settings (llama_context_params), None = the file's default: exact K/V for
+    # the first sink tokens and a recent window ((0, 0) = plain latent cache), prompt queries per
+    # block of the exact window's attention (0 = one block), latent keys rebuilt per decoded token
+    # (0 = every key)
+    lorc_sink_tokens: int | None = None
+    lorc_recent_window: int | None = None
+    lorc_prefill_block: int | None = None
+    lorc_top_k: int | None = None
 
 
 class Session:
@@ -102,6 +70,12 @@ class Session:
         self.lib = lib
         self.path = Path(model_path)
         self.params = params
+        # bindings without the LoRC fields (an older runtime) would take the attributes and pass nothing
+        fields = {name for name, _ in lib.llama_context_params._fields_}
+        missing = [n for n in LORC_SETTINGS if getattr(params, n) is not None and n not in fields]
+        if missing:
+            raise RuntimeError(f"the installed llama_cpp has no {', '.join(missing)} context parameter: "
+                               "rebuild the runtime (tools/build_runtime.py)")
         mparams = lib.llama_model_default_params()
         self.model = lib.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
@@ -119,6 +93,10 @@ class Session:
                                    else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.type_k = CACHE_TYPES[params.cache_type_k]
         cparams.type_v = CACHE_TYPES[params.cache_type_v]
+        for name in LORC_SETTINGS:
+            if name in fields:
+                value = getattr(params, name)
+                setattr(cparams, name, -1 if value is None else value)
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             lib.llama_model_free(self.model)

@@ -589,8 +589,6 @@ def load_in_children(paths: Sequence[Path], timeout_per_file: float = 120.0) -> 
     results: dict[str, dict[str, Any]] = {}
     repo_root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")]))
-    for key in ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW"):
-        env.pop(key, None)
     while remaining:
         with tempfile.TemporaryFile("w+", errors="replace") as err:
             proc = subprocess.Popen([sys.executable, __file__, "--load", *remaining], stdout=subprocess.PIPE,

@@ -31,8 +31,20 @@ def test_no_amx_flags_win_over_march_native() -> None:
 
 
 def test_cache_key_changes_with_compiler_flags() -> None:
-    series = build.read_series()
+    series = build.read_runtime_series()
     plain = build.BuildOptions()
     no_amx = build.BuildOptions(compiler_flags=build.NO_AMX_FLAGS)
     assert build.cache_key(series, plain) != build.cache_key(series, no_amx)
     assert build.cache_key(series, plain) == build.cache_key(series, build.BuildOptions())
+
+
+def test_both_series_feed_the_cache_key() -> None:
+    # the llama.cpp series applies inside vendor/llama.cpp, the bindings series at the sdist root;
+    # a change to either must give another wheel
+    runtime, bindings = build.read_runtime_series()
+    assert (runtime.target, bindings.target) == ("vendor/llama.cpp", ".")
+    assert runtime.patches and bindings.patches
+    options = build.BuildOptions()
+    key = build.cache_key((runtime, bindings), options)
+    assert build.cache_key((runtime, build.Series(bindings.directory, bindings.patches[:-1], ".")), options) != key
+    assert build.cache_key((build.Series(runtime.directory, runtime.patches[:-1]), bindings), options) != key

@@ -332,7 +332,7 @@ def test_report_tool(wide_gguf: Path, tmp_path: Path) -> None:
     convert(wide_gguf, tuned, allocation="uniform", ratio=0.5, progress=False, data_free=True, sink_tokens=4, recent_window=512,
             decode_top_k=128)
     text = subprocess.run([*tool, str(tuned)], capture_output=True, text=True, check=True).stdout
-    assert ("runtime defaults: hybrid cache, 4 sink tokens + 512 recent exact; decoding rebuilds the 128 best "
+    assert ("runtime defaults: exact window, 4 sink tokens + 512 recent exact; decoding rebuilds the 128 best "
             "latent keys") in text
     dense = subprocess.run([*tool, str(wide_gguf)], capture_output=True, text=True, check=True).stdout
     assert "not LoRC-converted" in dense

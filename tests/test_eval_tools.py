@@ -18,7 +18,7 @@ from lorc_gguf import convert, constants
 from lorc_gguf import evaluate as ev
 from lorc_gguf.bench import bench_main
 from lorc_gguf.plots import pareto_front, plot_main
-from lorc_gguf.session import Session, SessionParams, hybrid_override
+from lorc_gguf.session import Session, SessionParams
 
 pytest.importorskip("llama_cpp")
 
@@ -69,8 +69,8 @@ def test_hybrid_kv_bytes_count_the_exact_cells_per_sequence(pair, tmp_path):
     assert plain["kv_exact_cells"] == 0 and hyb["kv_exact_cells"] == 4 + 8
     assert hyb["kv_exact_bytes"] == (4 + 8) * N_LAYER * 2 * D_KV * 2
     assert hyb["kv_bytes_at_ctx"] == CTX * hyb["kv_bytes_per_token"] + hyb["kv_exact_bytes"]
-    with hybrid_override(0, 0):  # the runtime's override turns the file into a plain latent cache
-        assert ev.hybrid_in_effect(hybrid) == (0, 0)
+    # the runtime settings 0/0 turn the file into a plain latent cache; None keeps the file's
+    assert ev.hybrid_in_effect(hybrid, 0, 0) == (0, 0)
     assert ev.hybrid_in_effect(hybrid) == (4, 8)
 
 
@@ -357,20 +357,21 @@ def test_bench_lorc_top_k_labels(pair, tmp_path):
     assert [(c["label"], c["lorc_top_k"]) for c in configs] == [("original", 0), ("lorc", 0), ("lorc [top-8]", 8)]
 
 
-def test_runtime_overrides_in_effect_are_recorded(pair, tmp_path, monkeypatch):
-    # results measured under the runtime's load-time overrides (a wider exact window, say) are not
-    # the file's defaults: both tools write what was set, and nothing when nothing was
+def test_runtime_settings_passed_are_recorded(pair, tmp_path):
+    # results measured under run-time settings (a wider exact window, say) are not the file's
+    # defaults: both tools write what was set, and nothing when nothing was; each model row has the
+    # settings in effect
     original, lorc = pair
     common = ["--ctx", "64", "--json"]
-    for name in ("LLAMA_LORC_SINK_TOKENS", "LLAMA_LORC_RECENT_WINDOW", "LLAMA_LORC_TOP_K"):
-        monkeypatch.delenv(name, raising=False)
     assert ev.eval_main([str(lorc), "--chunks", "1", "--text", "docs", *common, str(tmp_path / "a.json"), "-q",
                          *THREADS]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["runtime_overrides"] == {}
-    monkeypatch.setenv("LLAMA_LORC_RECENT_WINDOW", "16")
-    assert ev.eval_main([str(lorc), "--chunks", "1", "--text", "docs", *common, str(tmp_path / "b.json"), "-q",
-                         *THREADS]) == 0
+    window = ["--lorc-recent-window", "16"]
+    assert ev.eval_main([str(lorc), "--chunks", "1", "--text", "docs", *window, *common, str(tmp_path / "b.json"),
+                         "-q", *THREADS]) == 0
     assert bench_main([str(original), str(lorc), "--repeats", "1", "--decode-tokens", "2", "--cache-types", "",
-                       "--lorc-cache-types", "", *common, str(tmp_path / "c.json"), "-q", *THREADS]) == 0
-    for report in ("b.json", "c.json"):
-        assert json.loads((tmp_path / report).read_text())["runtime_overrides"] == {"LLAMA_LORC_RECENT_WINDOW": "16"}
+                       "--lorc-cache-types", "", *window, *common, str(tmp_path / "c.json"), "-q", *THREADS]) == 0
+    for report, rows in (("b.json", "models"), ("c.json", "configs")):
+        got = json.loads((tmp_path / report).read_text())
+        assert got["runtime_overrides"] == {"lorc_recent_window": 16}
+        assert [(r["lorc_sink_tokens"], r["lorc_recent_window"]) for r in got[rows]][-1] == (0, 16)

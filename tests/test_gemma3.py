@@ -26,7 +26,7 @@ from lorc_gguf.dense import write_dense_equivalent
 from lorc_gguf.evaluate import mean_kl
 from lorc_gguf.hf import convert_folder
 from lorc_gguf.load import FastGGUFReader, open_gguf
-from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs
+from lorc_gguf.session import Session, SessionParams, silence_llama_logs
 from lorc_gguf.write import CopiedTensor, copy_metadata, write_gguf
 
 pytest.importorskip("llama_cpp")
@@ -43,6 +43,10 @@ F32 = {"cache_type_k": "f32", "cache_type_v": "f32"}
 def prompt(n: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(100, synth.VOCAB_SIZE - 100, n)]
+
+
+# the runtime settings that run a file converted for the exact window with the plain latent cache
+PLAIN = dict(lorc_sink_tokens=0, lorc_recent_window=0)
 
 
 def params(**kw) -> SessionParams:
@@ -159,8 +163,7 @@ def _with_unit_key_norm(src: Path, dst: Path) -> Path:
 
 def test_all_global_latent_matches_dense_equivalent(models) -> None:
     tokens = prompt(96, seed=5)
-    with hybrid_override(0, 0):
-        got = logits_of(models["lorc-global"], tokens, **F32)
+    got = logits_of(models["lorc-global"], tokens, **PLAIN, **F32)
     close(got, logits_of(models["dense-global"], tokens, **F32))
 
 
@@ -172,14 +175,13 @@ def test_hybrid_cache_with_qk_norm(models) -> None:
     tokens = prompt(80, seed=6)
     original = logits_of(models["original-global"], tokens, **F32)
     hybrid = logits_of(models["lorc-global"], tokens, **F32)
-    with hybrid_override(0, 0):
-        plain = logits_of(models["lorc-global"], tokens, **F32)
+    plain = logits_of(models["lorc-global"], tokens, **PLAIN, **F32)
     close(hybrid[:WINDOW], original[:WINDOW])
     assert far(plain[:WINDOW], original[:WINDOW])
     late = slice(2 * WINDOW, None)
     assert mean_kl(original[late], hybrid[late]) < mean_kl(original[late], plain[late])
-    with hybrid_override(0, 256):  # a window covering everything: the original model
-        close(logits_of(models["lorc-global"], tokens, **F32), original)
+    # a window covering everything: the original model
+    close(logits_of(models["lorc-global"], tokens, lorc_sink_tokens=0, lorc_recent_window=256, **F32), original)
 
 
 @pytest.mark.parametrize("variant", ["swa", "global"])
@@ -187,7 +189,7 @@ def test_kv_bytes_are_half(models, variant: str) -> None:
     tokens = prompt(16, seed=8)  # within the local window: no cell of either cache is pruned
     per_token = {}
     for kind in ("original", "lorc"):
-        with hybrid_override(0, 0), Session(models[f"{kind}-{variant}"], params(n_ctx=128)) as s:
+        with Session(models[f"{kind}-{variant}"], params(n_ctx=128, **PLAIN)) as s:
             per_token[kind] = s.kv_bytes_per_token(tokens)
     # minus llama.cpp's per-cell metadata (pos, n_seq_id, one seq_id: int32 each), per cache
     meta = 12 * (2 if variant == "swa" else 1)

@@ -1,5 +1,5 @@
-"""The hybrid latent cache: exact K/V for the first S positions and the last W positions, the
-latent cache for every other cell. Checked against an independent numpy forward of the rule
+"""The latent cache with an exact window (files converted for the "hybrid cache"): exact K/V for
+the first S positions and the last W positions, the latent cache for every other cell. Checked against an independent numpy forward of the rule
 (tests/reference.py), and at its two limits (everything exact = the original model, S = W = 0 =
 the plain latent cache)."""
 
@@ -13,7 +13,7 @@ import pytest
 import reference
 import synth
 from lorc_gguf import convert, runtime
-from lorc_gguf.session import Session, SessionParams, hybrid_override, prefill_block_override, silence_llama_logs
+from lorc_gguf.session import Session, SessionParams, silence_llama_logs
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()
@@ -76,17 +76,15 @@ def test_mixed_case_matches_reference_rule(models, flash_attn, width):
 
 @pytest.mark.parametrize("width", ["", "-wide"])
 def test_prompt_in_query_blocks_matches_reference_rule(models, width):
-    # prompt ubatches of 64 taken in blocks of 16 queries, each against the sink slots and the
-    # window + block positions it reaches (patch 0016): the first ubatch holds the sinks itself,
+    # prompt ubatches of 64 taken in blocks of 16 queries (lorc_prefill_block), each against the sink
+    # slots and the window + block positions it reaches: the first ubatch holds the sinks itself,
     # later ones read sinks and window from earlier ubatches, the last (32 tokens) has two blocks.
     # Tolerance as in test_mixed_case_matches_reference_rule
     tokens = prompt(224, seed=6)
     want = reference.forward(models["original"], tokens, models["plain" + width],
                              exact=lambda p0, p1: p0 < SINKS or p1 - p0 < WINDOW)
-    with prefill_block_override(16):
-        blocks = run(models["hybrid" + width], tokens, n_batch=64, n_ubatch=64, **F32)
-    with prefill_block_override(0):
-        joint = run(models["hybrid" + width], tokens, n_batch=64, n_ubatch=64, **F32)
+    blocks = run(models["hybrid" + width], tokens, n_batch=64, n_ubatch=64, lorc_prefill_block=16, **F32)
+    joint = run(models["hybrid" + width], tokens, n_batch=64, n_ubatch=64, lorc_prefill_block=0, **F32)
     np.testing.assert_allclose(blocks, want, atol=1e-3)
     np.testing.assert_allclose(joint, want, atol=1e-3)
     # the two paths sum in different orders: bit-equal logits would mean the blocks never ran
@@ -96,8 +94,9 @@ def test_prompt_in_query_blocks_matches_reference_rule(models, width):
 def test_sinks_survive_the_exact_store_wrapping(models):
     # the exact store holds S + W + n_ubatch cells (padded to 32: 64 here); a prompt of 100 tokens
     # in ubatches of 32 and 40 single-token steps overwrite its cells many times. The sinks must
-    # stay exact throughout (before patch 0017 the first reused cell purged them: logits off by
-    # ~1 from the second ubatch on). Tolerance as in test_mixed_case_matches_reference_rule
+    # stay exact throughout (purging a sequence's positions below the highest one a ubatch overwrites
+    # would drop them: logits off by ~1 from the second ubatch on). Tolerance as in
+    # test_mixed_case_matches_reference_rule
     tokens = prompt(140, seed=7)
     want = reference.forward(models["original"], tokens, models["plain"],
                              exact=lambda p0, p1: p0 < SINKS or p1 - p0 < WINDOW)
@@ -107,17 +106,27 @@ def test_sinks_survive_the_exact_store_wrapping(models):
     np.testing.assert_allclose(np.concatenate([prefill, steps]), want, atol=1e-3)
 
 
+def test_sinks_only_see_the_token_itself_exactly(models):
+    # W = 0: the exact store keeps the sinks and, its window being at least one position, the token
+    # being processed; the latent store masks what the exact store shows, so every cell counts once
+    # (counting the token in both stores moved logits by ~2.4). Tolerance as in
+    # test_mixed_case_matches_reference_rule
+    tokens = prompt(64, seed=8)
+    want = reference.forward(models["original"], tokens, models["plain"],
+                             exact=lambda p0, p1: p0 < SINKS or p0 == p1)
+    got = run(models["hybrid"], tokens, lorc_recent_window=0, **F32)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
 def test_everything_exact_is_the_original_model(models):
     tokens = prompt(64, seed=1)
-    with hybrid_override(recent_window=256):
-        got = run(models["hybrid"], tokens, **F32)
+    got = run(models["hybrid"], tokens, lorc_recent_window=256, **F32)
     np.testing.assert_allclose(got, run(models["original"], tokens, **F32), atol=1e-3)
 
 
 def test_no_sinks_no_window_is_the_plain_latent_cache(models):
     tokens = prompt(64, seed=2)
-    with hybrid_override(sink_tokens=0, recent_window=0):
-        got = run(models["hybrid"], tokens)
+    got = run(models["hybrid"], tokens, lorc_sink_tokens=0, lorc_recent_window=0)
     np.testing.assert_allclose(got, run(models["plain"], tokens), atol=1e-5)
 
 

@@ -17,7 +17,7 @@ from lorc_gguf.dense import write_dense_equivalent
 from lorc_gguf.evaluate import mean_kl
 from lorc_gguf.hf import convert_folder
 from lorc_gguf.load import FastGGUFReader
-from lorc_gguf.session import Session, SessionParams, hybrid_override, silence_llama_logs
+from lorc_gguf.session import Session, SessionParams, silence_llama_logs
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
@@ -77,10 +77,9 @@ def test_numpy_reference_reproduces_the_runtime_on_the_original(models) -> None:
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_latent_matches_dense_equivalent(models, flash_attn: bool) -> None:
     tokens = prompt(96, seed=2)
-    with hybrid_override(0, 0):
-        ref = logits_of(models["dense"], tokens, flash_attn=flash_attn, cache_type_k="f32", cache_type_v="f32")
-        floor = mean_kl(ref, logits_of(models["dense"], tokens, flash_attn=flash_attn))
-        got = logits_of(models["lorc"], tokens, flash_attn=flash_attn)
+    ref = logits_of(models["dense"], tokens, flash_attn=flash_attn, cache_type_k="f32", cache_type_v="f32")
+    floor = mean_kl(ref, logits_of(models["dense"], tokens, flash_attn=flash_attn))
+    got = logits_of(models["lorc"], tokens, flash_attn=flash_attn, lorc_sink_tokens=0, lorc_recent_window=0)
     # the f16 cache rounds latent rows and dense rows differently; the dense model's own f16-vs-f32
     # divergence is the noise floor (same rule as tests/test_runtime.py)
     assert mean_kl(ref, got) <= 4 * floor + 1e-6
@@ -101,8 +100,8 @@ def test_hybrid_follows_the_reference_rule_with_biases(models) -> None:
 
 def test_hybrid_covering_everything_is_the_original(models) -> None:
     tokens = prompt(64, seed=5)
-    with hybrid_override(0, 128):
-        got = logits_of(models["lorc"], tokens, cache_type_k="f32", cache_type_v="f32")
+    got = logits_of(models["lorc"], tokens, cache_type_k="f32", cache_type_v="f32", lorc_sink_tokens=0,
+                    lorc_recent_window=128)
     ref = logits_of(models["original"], tokens, cache_type_k="f32", cache_type_v="f32")
     np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max())
 
@@ -111,7 +110,7 @@ def test_kv_bytes_are_half(models) -> None:
     tokens = prompt(64, seed=6)
     per_token = {}
     for name in ("original", "lorc"):
-        with hybrid_override(0, 0), Session(models[name], SessionParams(n_ctx=128)) as s:
+        with Session(models[name], SessionParams(n_ctx=128, lorc_sink_tokens=0, lorc_recent_window=0)) as s:
             # minus llama.cpp's per-cell metadata (pos, n_seq_id, one seq_id: int32 each)
             per_token[name] = s.kv_bytes_per_token(tokens) - 12
     assert per_token["original"] == N_LAYER * 2 * D_KV * 2  # f16 K and V rows

@@ -188,9 +188,9 @@ def test_kv_bytes_per_token_follow_the_ranks(reduced_pair):
 @pytest.mark.parametrize("which,kv_unified", [("lorc", False), ("lorc", True), ("dense", False)])
 def test_multiple_sequences_in_one_batch(reduced_pair, which, kv_unified):
     """Two sequences in one ubatch. Without flash attention V is cached transposed, written through
-    element-major v_idxs (patch 0008): a unified cache (one stream) takes the transposed latent
-    layout, per-sequence streams the untransposed one, and a dense model's streams still land
-    where they should."""
+    element-major v_idxs (the runtime's transposed latent values): a unified cache (one stream)
+    takes the transposed latent layout, per-sequence streams the untransposed one, and a dense
+    model's streams still land where they should."""
     dense, lorc = reduced_pair
     a, b = prompt(40, seed=5), prompt(40, seed=6)
     params = SessionParams(n_ctx=256, n_seq_max=2, kv_unified=kv_unified, **F32)

@@ -3,7 +3,7 @@
 
     python tools/build_runtime.py               # CPU build, cached
     python tools/build_runtime.py --cuda        # -DGGML_CUDA=ON
-    python tools/build_runtime.py --check       # only check that the series applies to the pin
+    python tools/build_runtime.py --check       # only check that both series apply to the pin
     python tools/build_runtime.py --tools       # also build llama-perplexity, llama-bench, ...
 """
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra CMake flag, repeatable")
     ap.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs")
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel matches")
-    ap.add_argument("--check", action="store_true", help="only check that the series applies, then exit")
+    ap.add_argument("--check", action="store_true", help="only check that both series apply, then exit")
     ap.add_argument("--tools", action="store_true", help="also build llama.cpp's programs from the patched tree")
     ap.add_argument("--no-install", action="store_true", help="build (or find) the wheel, do not install it")
     ap.add_argument("--amx", choices=("auto", "on", "off"), default="auto",
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.amx == "auto" and not args.check:
         options.compiler_flags = build.native_compiler_flags()
     try:
-        series = build.read_series()
+        series = build.read_runtime_series()
         if args.check:
             with tempfile.TemporaryDirectory() as tmp:
                 build.patched_tree(series, Path(tmp) / "src")
-            print(f"ok: {len(series.patches)} patches apply to llama-cpp-python {sdist.read_pin().version}")
+            counts = " + ".join(f"{len(s.patches)} ({s.directory.name})" for s in series)
+            print(f"ok: {counts} patches apply to llama-cpp-python {sdist.read_pin().version}")
             return 0
         wheel = build.build_wheel(options)
         if not args.no_install:

@@ -17,12 +17,12 @@ Steps (each a command of its own, printed as it runs):
     and the rank plot of the first -> results/ranks.png
  4. tools/bench.py          -> results/bench.json, results/speed.png (original and both files, flash
     attention off for all: see the comment at the call), and again with the plain latent cache
-    (LLAMA_LORC_SINK_TOKENS=LLAMA_LORC_RECENT_WINDOW=0) -> results/bench-plain.json; in the first,
+    (--lorc-sink-tokens 0 --lorc-recent-window 0) -> results/bench-plain.json; in the first,
     the file with latent keys runs once per selective-reconstruction setting (--lorc-top-k)
  5. tools/eval.py at ctx 4096 x 4, last 256 tokens decoded one by one, per --lorc-top-k setting
     -> results/topk.json, results/topk.md
  6. the recent window as a decode-speed lever: the file with latent keys with a wider exact window
-    (LLAMA_LORC_RECENT_WINDOW, for each of WINDOWS) and fewer selected cells, quality as in (5)
+    (--lorc-recent-window, for each of WINDOWS) and fewer selected cells, quality as in (5)
     -> results/topk-w{W}.json/md, and speed at 4K -> results/bench-w{W}.json/md
  7. the same decode-tail evaluation at 8K (2 chunks) of lorc-0.5-fast.gguf, every key rebuilt and
     k = 256 / 128 -> results/topk-8k-w512.json/md
@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from lorc_gguf.models import smollm2_path  # noqa: E402
 
-TOP_K = "0,1024,512,256"  # LLAMA_LORC_TOP_K values measured (0 = every key rebuilt)
-# wider exact windows (LLAMA_LORC_RECENT_WINDOW) trade bytes for rebuilt keys: measured at smaller k
+TOP_K = "0,1024,512,256"  # lorc_top_k values measured (0 = every key rebuilt)
+# wider exact windows (lorc_recent_window) trade bytes for rebuilt keys: measured at smaller k
 WINDOWS = (256, 512)
 WINDOW_TOP_K = "0,256,128"
 
@@ -100,25 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         bench_opts += ["--threads", args.threads]
     bench = [py, "tools/bench.py", model, main_file, fast_file, "--ctx", args.ctx, *bench_opts]
-    # selective reconstruction (LLAMA_LORC_TOP_K) runs as extra rows of the file with latent keys
+    # selective reconstruction (lorc_top_k) runs as extra rows of the file with latent keys
     run([*bench, "--lorc-top-k", TOP_K, "--json", out / "bench.json", "--plot", out / "speed.png"],
         stdout=out / "bench.md")
-    # the same files with the plain latent cache (the runtime's documented override): what the
-    # hybrid machinery costs in speed
-    run(["env", "LLAMA_LORC_SINK_TOKENS=0", "LLAMA_LORC_RECENT_WINDOW=0", *bench, "--json", out / "bench-plain.json"],
+    # the same files with the plain latent cache (0/0 settings): what the exact window costs in speed
+    run([*bench, "--lorc-sink-tokens", "0", "--lorc-recent-window", "0", "--json", out / "bench-plain.json"],
         stdout=out / "bench-plain.md")
     # what selective reconstruction costs in quality: it acts on single-token decoding only, so the
     # last 256 tokens of each 4K chunk are decoded one at a time and only they are scored
     run([py, "tools/eval.py", model, main_file, "--text", "news", "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
          "--flash-attn", "off", "--lorc-top-k", TOP_K, "--quiet", "--json", out / "topk.json"], stdout=out / "topk.md")
     # the exact window as a speed lever: cells in it are never rebuilt, so a wider window lets a
-    # smaller k keep quality; each window is the runtime's documented override of the file's 64
+    # smaller k keep quality; each window is a run-time setting in place of the file's 64
     for window in WINDOWS:
-        env = ["env", f"LLAMA_LORC_RECENT_WINDOW={window}"]
-        run([*env, py, "tools/eval.py", model, main_file, "--text", "news", "--ctx", "4096", "--chunks", "4", "--decode-tail", "256",
+        w = ["--lorc-recent-window", str(window)]
+        run([py, "tools/eval.py", model, main_file, "--text", "news", "--ctx", "4096", "--chunks", "4", "--decode-tail", "256", *w,
              "--flash-attn", "off", "--lorc-top-k", WINDOW_TOP_K, "--quiet", "--json", out / f"topk-w{window}.json"],
             stdout=out / f"topk-w{window}.md")
-        run([*env, py, "tools/bench.py", model, main_file, "--ctx", "4096", *bench_opts, "--lorc-top-k", WINDOW_TOP_K,
+        run([py, "tools/bench.py", model, main_file, "--ctx", "4096", *bench_opts, *w, "--lorc-top-k", WINDOW_TOP_K,
              "--json", out / f"bench-w{window}.json"], stdout=out / f"bench-w{window}.md")
     # whether k still keeps quality at twice the context (SmolLM2's training length); --lorc-top-k
     # overrides the fast file's own k = 128 for the other rows

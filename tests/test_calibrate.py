@@ -284,3 +284,23 @@ def test_runtime_backend_converts(outlier_model: Path, tmp_path: Path) -> None:
     with pytest.raises(LorcError, match="--out-weight needs the query statistics"):
         convert(outlier_model, tmp_path / "ow.gguf", ratio=0.5, progress=False, calibration_backend="runtime",
                 out_weight=True)
+
+
+def test_interrupt_during_runtime_calibration(outlier_model: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C lands in the graph callback (the only Python code that runs inside llama_decode): it
+    stops the computation, comes out of convert as KeyboardInterrupt and leaves no output file."""
+    seen = []
+    read = cal._Ggml.read_f32
+
+    def interrupted(self, t, out):
+        seen.append(t)
+        if len(seen) == 3:  # in the middle of the first chunk's layers
+            raise KeyboardInterrupt
+        return read(self, t, out)
+
+    monkeypatch.setattr(cal._Ggml, "read_f32", interrupted)
+    out = tmp_path / "rt.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        convert(outlier_model, out, ratio=0.5, progress=False, calib_tokens=2 * N_CTX, calibration_backend="runtime")
+    assert len(seen) == 3 and list(tmp_path.iterdir()) == []

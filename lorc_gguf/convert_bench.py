@@ -11,12 +11,15 @@ report (``seconds``). A file with fewer layers than the real model extrapolates 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .errors import LorcError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,26 +58,44 @@ def run_measured(cmd: list[str], interval: float = 0.1) -> dict[str, Any]:
             "peak_rss_bytes": peaks["VmHWM"] * 1024, "stderr_tail": stderr[-2000:], "stdout_tail": stdout[-2000:]}
 
 
-def bench_convert(shape: str, workdir: Path, n_layer: int | None = None, calib_tokens: int = 4096,
-                  backend: str = "runtime", runs: tuple[str, ...] = ("data-free", "calibrated"),
-                  log=lambda msg: None) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    import synth
+RUNS = ("data-free", "runtime", "numpy")  # data-free, or calibrated with that statistics backend
 
-    dims = dict(synth.REAL_SHAPES[shape])
-    full_layers = dims["n_layer"]
-    n_layer = n_layer or full_layers
+
+def bench_convert(shape: str, workdir: Path, n_layer: int | None = None, calib_tokens: int = 4096,
+                  runs: tuple[str, ...] = ("data-free", "runtime"), model: Path | None = None,
+                  log=lambda msg: None) -> dict[str, Any]:
+    """Each run of ``runs`` (see ``RUNS``) on ``model``, or on a synthetic GGUF of ``shape`` with
+    ``n_layer`` of its layers (all by default) written once into ``workdir``."""
+    for run in runs:
+        if run not in RUNS:
+            raise LorcError(f"unknown run {run!r}: choose from {', '.join(RUNS)}")
     workdir.mkdir(parents=True, exist_ok=True)
-    src = workdir / f"{shape}-{n_layer}l-q4_0.gguf"
-    if not src.exists():
-        t0 = time.perf_counter()
-        synth.make_shaped_gguf(src, shape, n_layer=n_layer)
-        log(f"wrote {src.name} ({src.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+    if model is not None:
+        if str(model) == "smollm2":
+            from .models import smollm2_path
+
+            model = smollm2_path()
+        src, dims, n_layer = Path(model), {}, None
+    else:
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        import synth
+
+        dims = dict(synth.REAL_SHAPES[shape])
+        n_layer = n_layer or dims["n_layer"]
+        src = workdir / f"{shape}-{n_layer}l-q4_0.gguf"
+        if not src.exists():
+            t0 = time.perf_counter()
+            synth.make_shaped_gguf(src, shape, n_layer=n_layer)
+            log(f"wrote {src.name} ({src.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+    from .load import open_gguf
+
+    n_layer = n_layer or open_gguf(src).shape.n_layer
+    full_layers = dims.get("n_layer", n_layer)
     results = []
     for run in runs:
         out = workdir / f"{src.stem}-{run}.gguf"
         flags = ["--data-free"] if run == "data-free" else ["--calib-tokens", str(calib_tokens),
-                                                            "--calibration-backend", backend]
+                                                            "--calibration-backend", run]
         cmd = [sys.executable, str(REPO_ROOT / "tools" / "convert.py"), str(src), str(out), "--no-progress",
                "--quiet", *flags]
         log(f"$ {' '.join(cmd[1:])}")
@@ -91,15 +112,17 @@ def bench_convert(shape: str, workdir: Path, n_layer: int | None = None, calib_t
         out.unlink(missing_ok=True)
     from .evaluate import machine_info
 
-    return {"tool": "bench_convert", "shape": shape, "dims": dims, "file": src.name,
-            "file_bytes": src.stat().st_size, "calib_tokens": calib_tokens, "backend": backend,
-            "machine": machine_info(0), "runs": results}
+    return {"tool": "bench_convert", "shape": shape if model is None else None, "dims": dims, "file": src.name,
+            "file_bytes": src.stat().st_size, "calib_tokens": calib_tokens, "machine": machine_info(0),
+            "load_average": os.getloadavg(), "runs": results}
 
 
 def format_bench_convert(result: dict[str, Any]) -> str:
-    lines = [f"{result['shape']} shapes, {result['runs'][0]['layers']} of {result['runs'][0]['full_layers']} layers, "
-             f"Q4_0 ({result['file_bytes'] / 1e9:.2f} GB); calibration {result['calib_tokens']} tokens "
-             f"({result['backend']})", "",
+    first = result["runs"][0]
+    what = (f"{result['shape']} shapes, {first['layers']} of {first['full_layers']} layers, random Q4_0"
+            if result["shape"] else result["file"])
+    lines = [f"{what} ({result['file_bytes'] / 1e9:.2f} GB); calibration {result['calib_tokens']} tokens; "
+             f"load average after the runs {', '.join(f'{x:.1f}' for x in result['load_average'])}", "",
              "| run | wall s | extrapolated to all layers, s | peak anon GiB | peak file-backed GiB | stages (s) |",
              "|---|---:|---:|---:|---:|---|"]
     for r in result["runs"]:

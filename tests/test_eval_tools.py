@@ -375,3 +375,28 @@ def test_runtime_settings_passed_are_recorded(pair, tmp_path):
         got = json.loads((tmp_path / report).read_text())
         assert got["runtime_overrides"] == {"lorc_recent_window": 16}
         assert [(r["lorc_sink_tokens"], r["lorc_recent_window"]) for r in got[rows]][-1] == (0, 16)
+
+
+def test_bench_convert_measures_stages_and_memory(tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    from lorc_gguf.convert_bench import bench_convert, format_bench_convert
+
+    result = bench_convert("", tmp_path, model=tiny_llama_gguf, runs=("data-free", "numpy"), calib_tokens=64)
+    assert [r["run"] for r in result["runs"]] == ["data-free", "numpy"]
+    for r in result["runs"]:
+        assert r["returncode"] == 0 and r["seconds"] > 0
+        # a Python process with numpy loaded holds tens of MB of anonymous memory
+        assert 10 * 2**20 < r["peak_anon_bytes"] < 4 * 2**30
+        assert set(r["stages"]) == {"load", "spectra", "allocate", "calibration", "factorize and write"}
+    assert result["runs"][0]["stages"]["calibration"] == 0 < result["runs"][1]["stages"]["calibration"]
+    assert "| numpy |" in format_bench_convert(result)
+    assert list(tmp_path.glob("*.gguf")) == []  # the converted files are removed
+
+
+def test_shaped_gguf_has_the_real_shapes(tmp_path: Path) -> None:
+    from lorc_gguf.load import open_gguf
+
+    path = tmp_path / "8b.gguf"
+    synth.make_shaped_gguf(path, "llama-3.1-8b", n_layer=1)
+    sh = open_gguf(path).shape
+    assert (sh.n_layer, sh.n_embd, sh.n_head, sh.n_head_kv, sh.head_dim_k) == (1, 4096, 32, (8,), 128)
+    assert {int(x) for x in open_gguf(path).tensors["blk.0.ffn_up.weight"].shape} == {14336, 4096}

@@ -6,7 +6,7 @@ writes a GGUF that the patched llama.cpp runtime (``patches/llama.cpp``) runs wi
 
 from __future__ import annotations
 
-from .convert import ConvertOptions, convert
+from .converter.pipeline import ConvertOptions, convert
 from .errors import LorcError
 
 __all__ = ["ConvertOptions", "LorcError", "convert"]

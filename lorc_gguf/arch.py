@@ -1,9 +1,11 @@
-"""Per-architecture knowledge: where a model keeps its attention sizes and K/V weights.
+"""Per-architecture knowledge, in one registry: where a model keeps its attention sizes and K/V
+weights, which numpy forward computes it for calibration, and what the runtime does differently.
 
 One class per architecture, registered by its GGUF ``general.architecture`` name (the pattern of
-``convert_hf_to_gguf.py``). The rest of the pipeline asks the class and never branches on the
-name, so supporting e.g. qwen2 (K/V biases, kept unchanged) or gemma3 (QK-norm) is one more class here
-plus the runtime's graph opting in (``constants.SUPPORTED_ARCHITECTURES``).
+``convert_hf_to_gguf.py``). The registry is exactly the architectures whose graph in the patched
+runtime opts into the latent cache. The rest of the package asks the class and never branches on
+the name, so supporting e.g. qwen2 (K/V biases, kept unchanged) or gemma3 (QK-norm) is one more
+class here (with its forward in ``calibration.forward``) plus the runtime's graph opting in.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any, ClassVar, Protocol
 
 import gguf
 
-from . import constants
 from .errors import LorcError
+from .format import keys
 
 
 class Side(str, Enum):
@@ -64,6 +66,11 @@ class Architecture:
 
     name: ClassVar[str]
     rope_neox: ClassVar[bool] = False  # llama.cpp's rope type for the architecture (llama_model_rope_type)
+    # the class of ``calibration.forward`` that computes the architecture in numpy
+    forward: ClassVar[str] = "LlamaForward"
+    # an RMS norm on every key head before RoPE: the runtime's latent-space score for selective
+    # reconstruction (lorc.decode_top_k) cannot include it, so top-k has no effect there
+    key_norm: ClassVar[bool] = False
 
     def shape(self, meta: Metadata) -> ModelShape:
         n_layer = self._required(meta, gguf.Keys.LLM.BLOCK_COUNT)
@@ -86,13 +93,13 @@ class Architecture:
 
     def weight_name(self, side: Side, layer: int) -> str:
         """The dense projection that LoRC factorizes, as stored in the GGUF (n_embd -> width)."""
-        template = constants.TENSOR_K if side is Side.KEY else constants.TENSOR_V
+        template = keys.TENSOR_K if side is Side.KEY else keys.TENSOR_V
         return template.format(bid=layer)
 
     def factor_names(self, side: Side, layer: int) -> tuple[str, str]:
         """(down, up) tensor names replacing ``weight_name`` in a factorized layer."""
-        down, up = ((constants.TENSOR_K_DOWN, constants.TENSOR_K_UP) if side is Side.KEY
-                    else (constants.TENSOR_V_DOWN, constants.TENSOR_V_UP))
+        down, up = ((keys.TENSOR_K_DOWN, keys.TENSOR_K_UP) if side is Side.KEY
+                    else (keys.TENSOR_V_DOWN, keys.TENSOR_V_UP))
         return down.format(bid=layer), up.format(bid=layer)
 
     def _required(self, meta: Metadata, key_template: str) -> Any:
@@ -145,19 +152,21 @@ class Gemma3(Architecture):
     """gemma3 (Gemma 3 text models): an RMS norm on every key head before RoPE, which the runtime
     applies to the rebuilt keys (up-projection, norm, then RoPE, as the dense graph orders them);
     five sliding-window layers to one global layer, each kind keeping its latent rows in its own
-    half of llama.cpp's iswa cache; NEOX RoPE (calibration: ``calibrate.Gemma3Forward``)."""
+    half of llama.cpp's iswa cache; NEOX RoPE (calibration: ``calibration.forward.Gemma3Forward``)."""
 
     name = "gemma3"
     rope_neox = True
+    forward = "Gemma3Forward"
+    key_norm = True
 
 
 def registered() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    """The supported architectures, in the order they were registered."""
+    return tuple(_REGISTRY)
 
 
 def for_name(name: str) -> Architecture:
     """The architecture class for ``general.architecture``; only ones the runtime supports."""
-    if name not in _REGISTRY or name not in constants.SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(a for a in constants.SUPPORTED_ARCHITECTURES if a in _REGISTRY)
-        raise LorcError(f"unsupported architecture '{name}' (supported: {supported})")
+    if name not in _REGISTRY:
+        raise LorcError(f"unsupported architecture '{name}' (supported: {', '.join(_REGISTRY)})")
     return _REGISTRY[name]()

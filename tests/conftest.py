@@ -22,7 +22,7 @@ from lorc_gguf.models import smollm2_path as _smollm2_path  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def one_blas_thread():
-    """The tests' own SVDs run single-threaded, like the converter's (lorc_gguf/convert.py,
+    """The tests' own SVDs run single-threaded, like the converter's (lorc_gguf/converter/pipeline.py,
     BLAS_THREADS): multi-threaded OpenBLAS on small matrices crawls on a shared 2-core machine."""
     with threadpool_limits(limits=1, user_api="blas"):
         yield

@@ -30,9 +30,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from lorc_gguf import constants
-from lorc_gguf.load import FastGGUFReader
-from lorc_gguf.write import MetadataItem, copy_metadata
+from lorc_gguf.format import keys as constants
+from lorc_gguf.format.read import FastGGUFReader
+from lorc_gguf.format.write import MetadataItem, copy_metadata
 
 QT = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType
@@ -547,7 +547,7 @@ def _child_main(paths: Sequence[str]) -> int:
 
     import llama_cpp
 
-    from lorc_gguf.session import Session, SessionParams
+    from lorc_gguf.runtime.session import Session, SessionParams
 
     log: list[str] = []
 

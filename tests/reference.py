@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from lorc_gguf import constants
+from lorc_gguf.format import keys as constants
 
 
 def _tensors(path: Path) -> tuple[dict[str, np.ndarray], gguf.GGUFReader]:

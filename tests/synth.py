@@ -21,10 +21,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from lorc_gguf import constants
-from lorc_gguf.load import FastGGUFReader
+from lorc_gguf.format import keys as constants
+from lorc_gguf.format.read import FastGGUFReader
+from lorc_gguf.format.write import MetadataItem, copy_metadata
 from lorc_gguf.models import smollm2_path
-from lorc_gguf.write import MetadataItem, copy_metadata
 
 VOCAB_SIZE = 49152  # SmolLM2's, fixed by the copied tokenizer
 CONTEXT_LENGTH = 2048
@@ -172,7 +172,7 @@ def make_shaped_gguf(path: str | os.PathLike[str], shape: str = "llama-3.1-8b", 
     """A llama GGUF with a real model's shapes (``REAL_SHAPES``) and random Q4_0 weights (norms
     f32, SmolLM2's tokenizer), written one tensor at a time: memory stays at one tensor however
     large the model. Same arguments give byte-identical files."""
-    from lorc_gguf.write import NewTensor, write_gguf
+    from lorc_gguf.format.write import NewTensor, write_gguf
 
     dims = dict(REAL_SHAPES[shape])
     if n_layer is not None:
@@ -216,7 +216,7 @@ def _tokenizer_cache_dir() -> Path:
     transformers takes ~15 s). Keyed by the GGUF's size and the transformers version."""
     import transformers
 
-    from lorc_gguf import sdist
+    from lorc_gguf.runtime import sdist
 
     model = smollm2_path()
     key = hashlib.sha256(f"{model.stat().st_size}:{transformers.__version__}".encode()).hexdigest()[:12]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorc_gguf import build
+from lorc_gguf.runtime import build
 
 
 def test_amx_is_switched_off_only_where_it_is_claimed_but_faults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,15 +11,19 @@ import numpy as np
 import pytest
 
 import synth
-from lorc_gguf import aware, calibrate as cal, constants
+from lorc_gguf import calibration as cal
+from lorc_gguf import corpus
 from lorc_gguf.arch import SIDES, Side
-from lorc_gguf.convert import convert
+from lorc_gguf.converter import aware
+from lorc_gguf.converter.factorize import truncated_svd
+from lorc_gguf.converter.imatrix import imatrix_stats, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
+from lorc_gguf.converter.pipeline import convert
 from lorc_gguf.errors import LorcError
-from lorc_gguf.evaluate import mean_kl
-from lorc_gguf.factorize import truncated_svd
-from lorc_gguf.imatrix import imatrix_stats, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
-from lorc_gguf.load import FastGGUFReader, open_gguf
-from lorc_gguf.write import CopiedTensor, NewTensor, copy_metadata, write_gguf
+from lorc_gguf.evaluation.metrics import mean_kl
+from lorc_gguf.format import keys as constants
+from lorc_gguf.format.read import FastGGUFReader, open_gguf
+from lorc_gguf.format.write import CopiedTensor, NewTensor, copy_metadata, write_gguf
+from lorc_gguf.runtime.tokens import Tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -57,16 +61,17 @@ def outlier_stats(outlier_model: Path) -> cal.CalibrationStats:
 
 
 def runtime_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    from lorc_gguf.session import Session, SessionParams, silence_llama_logs
+    from lorc_gguf.runtime.library import silence_llama_logs
+    from lorc_gguf.runtime.session import Session, SessionParams
     silence_llama_logs()
     with Session(path, SessionParams(n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX)) as s:
         return s.decode_seq(tokens)
 
 
 def eval_tokens(path: Path) -> list[int]:
-    tok = cal.Tokenizer(path)
+    tok = Tokenizer(path)
     try:
-        ids = tok.tokenize(cal.evaluation_text()[:20000])
+        ids = tok.tokenize(corpus.eval_text()[:20000])
         return [tok.bos] + ids[:N_CTX - 1]
     finally:
         tok.close()
@@ -291,7 +296,9 @@ def test_interrupt_during_runtime_calibration(outlier_model: Path, tmp_path: Pat
     """Ctrl-C lands in the graph callback (the only Python code that runs inside llama_decode): it
     stops the computation, comes out of convert as KeyboardInterrupt and leaves no output file."""
     seen = []
-    read = cal._Ggml.read_f32
+    from lorc_gguf.calibration import runtime_stats
+
+    read = runtime_stats._Ggml.read_f32
 
     def interrupted(self, t, out):
         seen.append(t)
@@ -299,7 +306,7 @@ def test_interrupt_during_runtime_calibration(outlier_model: Path, tmp_path: Pat
             raise KeyboardInterrupt
         return read(self, t, out)
 
-    monkeypatch.setattr(cal._Ggml, "read_f32", interrupted)
+    monkeypatch.setattr(runtime_stats._Ggml, "read_f32", interrupted)
     out = tmp_path / "rt.gguf"
     with pytest.raises(KeyboardInterrupt):
         convert(outlier_model, out, ratio=0.5, progress=False, calib_tokens=2 * N_CTX, calibration_backend="runtime")

@@ -14,9 +14,10 @@ import pytest
 
 import synth
 
-from lorc_gguf import constants, convert
-from lorc_gguf.load import FastGGUFReader
-from lorc_gguf.report import report_path
+from lorc_gguf import convert
+from lorc_gguf.format import keys as constants
+from lorc_gguf.format.keys import report_path
+from lorc_gguf.format.read import FastGGUFReader
 
 QT = gguf.GGMLQuantizationType
 F32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -284,7 +285,7 @@ def test_quantized_input_and_determinism(models_dir: Path, tmp_path: Path) -> No
 def test_output_is_never_half_written(wide_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure while writing leaves neither OUT nor a temporary file behind."""
     # the package attribute `convert` is the function; the pipeline module is in sys.modules
-    pipeline = importlib.import_module("lorc_gguf.convert")
+    pipeline = importlib.import_module("lorc_gguf.converter.pipeline")
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -385,7 +386,7 @@ def test_data_free_writes_the_papers_file_byte_for_byte(tiny_llama_gguf: Path, t
 
 
 def test_calibrated_progressive_weights_errors_by_depth():
-    from lorc_gguf import aware
+    from lorc_gguf.converter import aware
     from lorc_gguf.arch import Side
 
     # equal condition numbers: the profile is the plain depth ramp 1 .. 0

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from lorc_gguf import allocate
-from lorc_gguf.allocate import RankGrid
+from lorc_gguf.converter import allocate
+from lorc_gguf.converter.allocate import RankGrid
 from lorc_gguf.errors import LorcError
 
 WIDTH = 256

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import synth
-from lorc_gguf import constants, convert
-from lorc_gguf.hf import converter_script
-from lorc_gguf.load import FastGGUFReader
+from lorc_gguf import convert
+from lorc_gguf.converter.hf import converter_script
+from lorc_gguf.format import keys as constants
+from lorc_gguf.format.read import FastGGUFReader
 
 F32_UNIT_ROUNDOFF = 2.0 ** -24
 

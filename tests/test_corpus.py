@@ -8,10 +8,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from lorc_gguf import calibrate as cal
+from lorc_gguf import calibration as cal
 from lorc_gguf import corpus
 from lorc_gguf.errors import LorcError
-from lorc_gguf.load import open_gguf
+from lorc_gguf.format.read import open_gguf
+from lorc_gguf.runtime.tokens import Tokenizer
 
 
 def _sha(text: str) -> str:
@@ -92,7 +93,7 @@ def test_calibration_chunks_share_domains_equally(smollm2_path):
     assert meta["domains"] == {"docs": 2, "code": 2, "dialogue": 2, "encyclopedia": 2}
     again, _ = cal.calibration_chunks(model, n_tokens=8 * 512 + 100)
     assert np.array_equal(chunks, again)
-    tok = cal.Tokenizer(smollm2_path)
+    tok = Tokenizer(smollm2_path)
     try:
         im_start = tok.tokenize("<|im_start|>", special=True)
         bos = tok.bos

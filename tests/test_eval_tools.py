@@ -14,11 +14,20 @@ import numpy as np
 import pytest
 
 import synth
-from lorc_gguf import convert, constants
-from lorc_gguf import evaluate as ev
-from lorc_gguf.bench import bench_main
-from lorc_gguf.plots import pareto_front, plot_main
-from lorc_gguf.session import Session, SessionParams
+from lorc_gguf import convert
+from lorc_gguf.cli.bench import bench_main
+from lorc_gguf.cli.compare import compare_main
+from lorc_gguf.cli.eval import eval_main
+from lorc_gguf.cli.plot import plot_main
+from lorc_gguf.corpus import calibration_text, eval_text, pydoc_text
+from lorc_gguf.evaluation.compare import token_agreement
+from lorc_gguf.evaluation.configs import ModelConfig, make_config
+from lorc_gguf.evaluation.kv import CELL_METADATA_BYTES
+from lorc_gguf.evaluation.perplexity import evaluate
+from lorc_gguf.evaluation.plots import pareto_front
+from lorc_gguf.format import keys as constants
+from lorc_gguf.format.info import hybrid_in_effect
+from lorc_gguf.runtime.session import Session, SessionParams
 
 pytest.importorskip("llama_cpp")
 
@@ -62,20 +71,20 @@ def test_hybrid_kv_bytes_count_the_exact_cells_per_sequence(pair, tmp_path):
     original, lorc = pair
     hybrid = tmp_path / "hybrid.gguf"
     convert(original, hybrid, allocation="progressive", ratio=0.5, progress=False, data_free=True, sink_tokens=4, recent_window=8)
-    configs = [ev.ModelConfig(p, flash_attn=False, label=p.stem) for p in (original, lorc, hybrid)]
-    report = ev.evaluate(configs, ev.eval_text(), ctx=CTX, n_chunks=1, threads=1)
+    configs = [ModelConfig(p, flash_attn=False, label=p.stem) for p in (original, lorc, hybrid)]
+    report = evaluate(configs, eval_text(), ctx=CTX, n_chunks=1, threads=1)
     base, plain, hyb = report["models"]
     assert hyb["kv_bytes_per_token"] == plain["kv_bytes_per_token"] < base["kv_bytes_per_token"]
     assert plain["kv_exact_cells"] == 0 and hyb["kv_exact_cells"] == 4 + 8
     assert hyb["kv_exact_bytes"] == (4 + 8) * N_LAYER * 2 * D_KV * 2
     assert hyb["kv_bytes_at_ctx"] == CTX * hyb["kv_bytes_per_token"] + hyb["kv_exact_bytes"]
     # the runtime settings 0/0 turn the file into a plain latent cache; None keeps the file's
-    assert ev.hybrid_in_effect(hybrid, 0, 0) == (0, 0)
-    assert ev.hybrid_in_effect(hybrid) == (4, 8)
+    assert hybrid_in_effect(hybrid, 0, 0) == (0, 0)
+    assert hybrid_in_effect(hybrid) == (4, 8)
 
 
 def test_calibration_and_eval_text_are_disjoint_halves():
-    full, cal, evl = ev.pydoc_text(), ev.calibration_text(), ev.eval_text()
+    full, cal, evl = pydoc_text(), calibration_text(), eval_text()
     assert cal + evl == full
     assert abs(len(cal) - len(evl)) < 0.01 * len(full)
     assert cal[-2000:] not in evl and evl[:2000] not in cal
@@ -84,7 +93,7 @@ def test_calibration_and_eval_text_are_disjoint_halves():
 def test_eval_json_and_table(pair, tmp_path, capsys):
     original, lorc = pair
     out, png = tmp_path / "eval.json", tmp_path / "pareto.png"
-    rc = ev.eval_main([str(original), f"{original}@q8_0", str(lorc), "--ctx", str(CTX), "--chunks", str(CHUNKS),
+    rc = eval_main([str(original), f"{original}@q8_0", str(lorc), "--ctx", str(CTX), "--chunks", str(CHUNKS),
                        "--text", "docs", "--json", str(out), "--plot", str(png), "-q", *THREADS])
     stdout = capsys.readouterr().out
     assert rc == 0
@@ -98,7 +107,7 @@ def test_eval_json_and_table(pair, tmp_path, capsys):
         assert m["n_scored"] == CHUNKS * (CTX // 2 - 1)
         assert math.isfinite(m["ppl"]) and m["ppl"] > 1
         assert math.isfinite(m["ppl_stderr"]) and m["ppl_stderr"] > 0
-        assert m["kv_bytes_per_token_raw"] - m["kv_bytes_per_token"] == ev.CELL_METADATA_BYTES
+        assert m["kv_bytes_per_token_raw"] - m["kv_bytes_per_token"] == CELL_METADATA_BYTES
         assert m["label"] in stdout
     assert base["kl_mean"] == 0 and base["top1_agreement"] == 1
     assert base["kv_bytes_per_token"] == N_LAYER * 2 * D_KV * 2  # f16 K and V rows
@@ -120,9 +129,9 @@ def test_eval_perplexity_matches_a_direct_computation(pair):
     [c*ctx, (c+1)*ctx) of the BOS-less tokenization, its first token replaced by BOS, and
     tokens ctx/2+1 .. ctx-1 are scored."""
     original, _ = pair
-    text = ev.eval_text()
-    config = ev.make_config(original, flash_attn=False)
-    report = ev.evaluate([config], text, ctx=CTX, n_chunks=CHUNKS, threads=1)
+    text = eval_text()
+    config = make_config(original, flash_attn=False)
+    report = evaluate([config], text, ctx=CTX, n_chunks=CHUNKS, threads=1)
     nll = []
     with Session(original, SessionParams(n_ctx=CTX, n_threads=1)) as s:
         tokens = s.tokenize(text, add_bos=False)
@@ -139,9 +148,9 @@ def test_eval_perplexity_matches_a_direct_computation(pair):
 
 def test_model_against_itself_has_zero_kl(pair):
     original, _ = pair
-    a = ev.make_config(original, label="a")
-    b = ev.make_config(original, label="b")
-    report = ev.evaluate([a, b], ev.eval_text(), ctx=CTX, n_chunks=1, threads=1)
+    a = make_config(original, label="a")
+    b = make_config(original, label="b")
+    report = evaluate([a, b], eval_text(), ctx=CTX, n_chunks=1, threads=1)
     m = report["models"][1]
     assert m["kl_mean"] == pytest.approx(0, abs=1e-6) and m["top1_agreement"] == 1 and m["kv_ratio"] == 1
 
@@ -183,7 +192,7 @@ def test_compare_model_against_itself(pair, tmp_path, capsys):
     out = tmp_path / "compare.json"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello there\n\nWhat is two plus two?\n")
-    rc = ev.compare_main([str(original), str(original), "--prompts", str(prompts), "--max-tokens", "8",
+    rc = compare_main([str(original), str(original), "--prompts", str(prompts), "--max-tokens", "8",
                           "--ctx", "256", "--json", str(out), "-q", *THREADS])
     stdout = capsys.readouterr().out
     assert rc == 0
@@ -196,9 +205,9 @@ def test_compare_model_against_itself(pair, tmp_path, capsys):
 
 
 def test_token_agreement():
-    assert ev.token_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == {
+    assert token_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == {
         "prefix": 4, "n_reference": 4, "n_other": 4, "prefix_fraction": 1.0, "overall": 1.0}
-    a = ev.token_agreement([1, 2, 3, 4], [1, 2, 9, 4, 5])
+    a = token_agreement([1, 2, 3, 4], [1, 2, 9, 4, 5])
     assert a["prefix"] == 2 and a["prefix_fraction"] == 0.5 and a["overall"] == pytest.approx(3 / 5)
 
 
@@ -211,8 +220,8 @@ def test_plot_ranks_and_pareto_front(pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("main,argv", [
-    (ev.eval_main, ["/no/such/model.gguf"]),
-    (ev.compare_main, ["/no/such/a.gguf", "/no/such/b.gguf"]),
+    (eval_main, ["/no/such/model.gguf"]),
+    (compare_main, ["/no/such/a.gguf", "/no/such/b.gguf"]),
     (bench_main, ["/no/such/model.gguf", "--quick"]),
     (plot_main, ["ranks", "/no/such/model.gguf", "out.png"]),
     (plot_main, ["pareto", "/no/such/eval.json", "out.png"]),
@@ -225,7 +234,7 @@ def test_missing_file_is_one_line_and_exit_2(main, argv, capsys):
 
 def test_quantized_v_cache_without_flash_attention_is_refused(pair, capsys):
     original, _ = pair
-    assert ev.eval_main([f"{original}@q8_0", "--flash-attn", "off"]) == 2
+    assert eval_main([f"{original}@q8_0", "--flash-attn", "off"]) == 2
     assert "flash attention" in capsys.readouterr().err
 
 
@@ -238,7 +247,7 @@ def test_plot_of_an_ordinary_model_is_refused(pair, tmp_path, capsys):
 def test_plot_quality_table(tmp_path):
     """tools/plot.py quality on a tools/quality_table.py JSON (rows as that tool writes them), and
     the tool's markdown table; a JSON from another tool is refused with a one-line error."""
-    from lorc_gguf.quality import EXACT, PLAIN, format_quality_table
+    from lorc_gguf.evaluation.quality import EXACT, PLAIN, format_quality_table
 
     def res(news, docs):
         return {"news": {"ppl": news, "vs_original": news / 30 - 1, "kl": 0.01},
@@ -270,13 +279,13 @@ def test_decode_tail_scores_single_token_steps(pair):
     """--decode-tail N: the last N tokens of each chunk are decoded one per llama_decode call and
     only they are scored; for an ordinary model that is the same NLL as batched prefill."""
     original, _ = pair
-    config = ev.make_config(original, flash_attn=False)
-    tail = ev.evaluate([config], ev.eval_text(), ctx=CTX, n_chunks=CHUNKS, threads=1, decode_tail=8)
+    config = make_config(original, flash_attn=False)
+    tail = evaluate([config], eval_text(), ctx=CTX, n_chunks=CHUNKS, threads=1, decode_tail=8)
     m = tail["models"][0]
     assert m["n_scored"] == CHUNKS * (8 - 1) and tail["decode_tail"] == 8
     nll = []
     with Session(original, SessionParams(n_ctx=CTX, n_threads=1)) as s:
-        tokens = s.tokenize(ev.eval_text(), add_bos=False)
+        tokens = s.tokenize(eval_text(), add_bos=False)
         bos = s.lib.llama_vocab_bos(s.vocab)
         for c in range(CHUNKS):
             chunk = [bos] + tokens[c * CTX + 1:(c + 1) * CTX]
@@ -292,7 +301,7 @@ def test_decode_tail_scores_single_token_steps(pair):
 def test_eval_on_several_texts_reports_each_and_a_summary(pair, tmp_path, capsys):
     original, lorc = pair
     out = tmp_path / "eval.json"
-    rc = ev.eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "--text", "news,docs",
+    rc = eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "--text", "news,docs",
                        "--json", str(out), "-q", *THREADS])
     stdout = capsys.readouterr().out
     assert rc == 0
@@ -316,7 +325,7 @@ def test_eval_on_several_texts_reports_each_and_a_summary(pair, tmp_path, capsys
 ])
 def test_bad_text_is_one_line_and_exit_2(pair, argv, message, capsys):
     original, lorc = pair
-    rc = ev.eval_main([str(original), "--ctx", str(CTX), "--chunks", "1", "-q", *argv])
+    rc = eval_main([str(original), "--ctx", str(CTX), "--chunks", "1", "-q", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
 
@@ -324,7 +333,7 @@ def test_bad_text_is_one_line_and_exit_2(pair, argv, message, capsys):
 def test_lorc_top_k_runs_each_lorc_model_per_value(pair, tmp_path):
     original, lorc = pair
     out = tmp_path / "eval.json"
-    rc = ev.eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "--decode-tail", "16",
+    rc = eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "--decode-tail", "16",
                        "--text", "docs", "--lorc-top-k", "0,4", "--json", str(out), "-q", *THREADS])
     assert rc == 0
     models = json.loads(out.read_text())["models"]
@@ -341,7 +350,7 @@ def test_lorc_top_k_runs_each_lorc_model_per_value(pair, tmp_path):
 ])
 def test_bad_top_k_or_decode_tail_is_one_line_and_exit_2(pair, argv, message, capsys):
     original, lorc = pair
-    rc = ev.eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "-q", *argv])
+    rc = eval_main([str(original), str(lorc), "--ctx", str(CTX), "--chunks", "1", "-q", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
 
@@ -363,11 +372,11 @@ def test_runtime_settings_passed_are_recorded(pair, tmp_path):
     # settings in effect
     original, lorc = pair
     common = ["--ctx", "64", "--json"]
-    assert ev.eval_main([str(lorc), "--chunks", "1", "--text", "docs", *common, str(tmp_path / "a.json"), "-q",
+    assert eval_main([str(lorc), "--chunks", "1", "--text", "docs", *common, str(tmp_path / "a.json"), "-q",
                          *THREADS]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["runtime_overrides"] == {}
     window = ["--lorc-recent-window", "16"]
-    assert ev.eval_main([str(lorc), "--chunks", "1", "--text", "docs", *window, *common, str(tmp_path / "b.json"),
+    assert eval_main([str(lorc), "--chunks", "1", "--text", "docs", *window, *common, str(tmp_path / "b.json"),
                          "-q", *THREADS]) == 0
     assert bench_main([str(original), str(lorc), "--repeats", "1", "--decode-tokens", "2", "--cache-types", "",
                        "--lorc-cache-types", "", *window, *common, str(tmp_path / "c.json"), "-q", *THREADS]) == 0
@@ -378,7 +387,7 @@ def test_runtime_settings_passed_are_recorded(pair, tmp_path):
 
 
 def test_bench_convert_measures_stages_and_memory(tiny_llama_gguf: Path, tmp_path: Path) -> None:
-    from lorc_gguf.convert_bench import bench_convert, format_bench_convert
+    from lorc_gguf.evaluation.convert_bench import bench_convert, format_bench_convert
 
     result = bench_convert("", tmp_path, model=tiny_llama_gguf, runs=("data-free", "numpy"), calib_tokens=64)
     assert [r["run"] for r in result["runs"]] == ["data-free", "numpy"]
@@ -393,7 +402,7 @@ def test_bench_convert_measures_stages_and_memory(tiny_llama_gguf: Path, tmp_pat
 
 
 def test_shaped_gguf_has_the_real_shapes(tmp_path: Path) -> None:
-    from lorc_gguf.load import open_gguf
+    from lorc_gguf.format.read import open_gguf
 
     path = tmp_path / "8b.gguf"
     synth.make_shaped_gguf(path, "llama-3.1-8b", n_layer=1)

@@ -20,14 +20,16 @@ import pytest
 
 import synth
 from lorc_gguf import LorcError, convert
-from lorc_gguf import aware, constants
-from lorc_gguf import calibrate as cal
-from lorc_gguf.dense import write_dense_equivalent
-from lorc_gguf.evaluate import mean_kl
-from lorc_gguf.hf import convert_folder
-from lorc_gguf.load import FastGGUFReader, open_gguf
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs
-from lorc_gguf.write import CopiedTensor, copy_metadata, write_gguf
+from lorc_gguf import calibration as cal
+from lorc_gguf.converter import aware
+from lorc_gguf.converter.dense import write_dense_equivalent
+from lorc_gguf.converter.hf import convert_folder
+from lorc_gguf.evaluation.metrics import mean_kl
+from lorc_gguf.format import keys as constants
+from lorc_gguf.format.read import FastGGUFReader, open_gguf
+from lorc_gguf.format.write import CopiedTensor, copy_metadata, write_gguf
+from lorc_gguf.runtime.library import silence_llama_logs
+from lorc_gguf.runtime.session import Session, SessionParams
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")

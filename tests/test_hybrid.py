@@ -12,8 +12,10 @@ import pytest
 
 import reference
 import synth
-from lorc_gguf import convert, runtime
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs
+from lorc_gguf import convert
+from lorc_gguf.format.info import gguf_lorc_version
+from lorc_gguf.runtime.library import silence_llama_logs
+from lorc_gguf.runtime.session import Session, SessionParams
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()
@@ -56,7 +58,7 @@ def test_hybrid_file_records_its_defaults(models):
     fields = gguf.GGUFReader(str(models["hybrid"])).fields
     assert fields["lorc.sink_tokens"].contents() == SINKS
     assert fields["lorc.recent_window"].contents() == WINDOW
-    assert runtime.gguf_lorc_version(models["hybrid"]) == 1
+    assert gguf_lorc_version(models["hybrid"]) == 1
 
 
 @pytest.mark.parametrize("width", ["", "-wide"])

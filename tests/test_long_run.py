@@ -23,8 +23,9 @@ import pytest
 
 import synth
 from lorc_gguf import convert
-from lorc_gguf.dense import write_dense_equivalent
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs
+from lorc_gguf.converter.dense import write_dense_equivalent
+from lorc_gguf.runtime.library import silence_llama_logs
+from lorc_gguf.runtime.session import Session, SessionParams
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()

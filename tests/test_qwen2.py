@@ -13,11 +13,12 @@ import pytest
 import reference
 import synth
 from lorc_gguf import convert
-from lorc_gguf.dense import write_dense_equivalent
-from lorc_gguf.evaluate import mean_kl
-from lorc_gguf.hf import convert_folder
-from lorc_gguf.load import FastGGUFReader
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs
+from lorc_gguf.converter.dense import write_dense_equivalent
+from lorc_gguf.converter.hf import convert_folder
+from lorc_gguf.evaluation.metrics import mean_kl
+from lorc_gguf.format.read import FastGGUFReader
+from lorc_gguf.runtime.library import silence_llama_logs
+from lorc_gguf.runtime.session import Session, SessionParams
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")

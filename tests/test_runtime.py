@@ -13,9 +13,12 @@ import pytest
 
 import synth
 from lorc_gguf import convert, runtime
-from lorc_gguf.dense import write_dense_equivalent
-from lorc_gguf.evaluate import mean_kl
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs
+from lorc_gguf.converter.dense import write_dense_equivalent
+from lorc_gguf.evaluation.metrics import mean_kl
+from lorc_gguf.format.info import gguf_lorc_version
+from lorc_gguf.runtime import patched
+from lorc_gguf.runtime.library import silence_llama_logs
+from lorc_gguf.runtime.session import Session, SessionParams
 
 llama_cpp = pytest.importorskip("llama_cpp")
 silence_llama_logs()
@@ -77,7 +80,8 @@ def test_installed_library_is_patched():
 
 
 def test_unpatched_library_gets_a_clear_message(monkeypatch, exact_pair):
-    monkeypatch.setattr(runtime, "runtime_format_version", lambda: 0)
+    # where load() looks it up (lorc_gguf.runtime re-exports it)
+    monkeypatch.setattr(patched, "runtime_format_version", lambda: 0)
     with pytest.raises(runtime.RuntimeNotPatched, match="build_runtime.py"):
         runtime.load(exact_pair[1])
 
@@ -273,7 +277,7 @@ def test_quantized_lorc_model_keeps_its_latent_cache(reduced_pair, tmp_path, fty
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = 2
     assert llama_cpp.llama_model_quantize(str(lorc).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    assert runtime.gguf_lorc_version(out) == 1
+    assert gguf_lorc_version(out) == 1
     tokens = prompt(64, seed=11)
     with Session(out, SessionParams(n_ctx=256)) as s, Session(lorc, SessionParams(n_ctx=256)) as ref:
         assert s.kv_bytes_per_token(tokens) == ref.kv_bytes_per_token(tokens)

@@ -12,8 +12,9 @@ import pytest
 
 import synth
 from lorc_gguf import convert
-from lorc_gguf.evaluate import top_k_in_effect
-from lorc_gguf.session import Session, SessionParams, silence_llama_logs
+from lorc_gguf.format.info import top_k_in_effect
+from lorc_gguf.runtime.library import silence_llama_logs
+from lorc_gguf.runtime.session import Session, SessionParams
 
 pytest.importorskip("llama_cpp")
 silence_llama_logs()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorc_gguf.bench import bench_main  # noqa: E402
+from lorc_gguf.cli.bench import bench_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(bench_main())

@@ -4,37 +4,16 @@ shapes (random Q4_0 weights, written once into --workdir).
 
     python tools/bench_convert.py --shape llama-3.1-8b --json results/bench-convert-8b.json
     python tools/bench_convert.py --shape llama-3.1-70b --layers 4     # extrapolated per layer
-    python tools/bench_convert.py --model SMOLLM2.gguf --runs runtime,numpy --calib-tokens 4096
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorc_gguf.convert_bench import bench_convert, format_bench_convert  # noqa: E402
-from lorc_gguf.evaluate import run_cli  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="llama-3.1-8b", help="llama-3.1-8b, llama-3.1-70b, qwen2.5-7b-as-llama")
-    ap.add_argument("--layers", type=int, default=None, help="keep this many layers (default: all)")
-    ap.add_argument("--calib-tokens", type=int, default=4096)
-    ap.add_argument("--model", type=Path, default=None, help="a GGUF to convert instead of a synthetic one (smollm2: the embedded model)")
-    ap.add_argument("--runs", default="data-free,runtime",
-                    help="comma list of data-free, runtime, numpy (calibrated with that statistics backend)")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lorc-bench-convert"))
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    return run_cli(lambda: bench_convert(args.shape, args.workdir, n_layer=args.layers,
-                                         calib_tokens=args.calib_tokens, runs=tuple(args.runs.split(",")),
-                                         model=args.model, log=lambda m: print(m, file=sys.stderr, flush=True)),
-                   format_bench_convert, args.json)
-
+from lorc_gguf.cli.bench_convert import bench_convert_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_convert_main())

@@ -9,59 +9,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorc_gguf import build, sdist  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cuda", action="store_true", help="build the CUDA backend (-DGGML_CUDA=ON)")
-    ap.add_argument("--metal", action="store_true", help="build the Metal backend (-DGGML_METAL=ON)")
-    ap.add_argument("--cmake-arg", action="append", default=[], metavar="-DNAME=VALUE",
-                    help="extra CMake flag, repeatable")
-    ap.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs")
-    ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel matches")
-    ap.add_argument("--check", action="store_true", help="only check that both series apply, then exit")
-    ap.add_argument("--tools", action="store_true", help="also build llama.cpp's programs from the patched tree")
-    ap.add_argument("--no-install", action="store_true", help="build (or find) the wheel, do not install it")
-    ap.add_argument("--amx", choices=("auto", "on", "off"), default="auto",
-                    help="AMX under -march=native: auto (default) builds without it where the CPU reports "
-                         "AMX but cannot run it, as in some virtual machines")
-    args = ap.parse_args(argv)
-
-    options = build.BuildOptions(cmake_args=args.cmake_arg,
-                                 shortcuts=[s for s in ("cuda", "metal") if getattr(args, s)],
-                                 force=args.force)
-    if args.jobs:
-        options.jobs = args.jobs
-    if args.amx == "off":
-        options.compiler_flags = build.NO_AMX_FLAGS
-    elif args.amx == "auto" and not args.check:
-        options.compiler_flags = build.native_compiler_flags()
-    try:
-        series = build.read_runtime_series()
-        if args.check:
-            with tempfile.TemporaryDirectory() as tmp:
-                build.patched_tree(series, Path(tmp) / "src")
-            counts = " + ".join(f"{len(s.patches)} ({s.directory.name})" for s in series)
-            print(f"ok: {counts} patches apply to llama-cpp-python {sdist.read_pin().version}")
-            return 0
-        wheel = build.build_wheel(options)
-        if not args.no_install:
-            build.install_wheel(wheel)
-        if args.tools:
-            build.build_tools(options)
-    except (build.BuildError, sdist.SdistError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+from lorc_gguf.cli.build_runtime import build_runtime_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(build_runtime_main())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorc_gguf.evaluate import compare_main  # noqa: E402
+from lorc_gguf.cli.compare import compare_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(compare_main())

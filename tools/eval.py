@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorc_gguf.evaluate import eval_main  # noqa: E402
+from lorc_gguf.cli.eval import eval_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(eval_main())

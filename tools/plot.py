@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorc_gguf.plots import plot_main  # noqa: E402
+from lorc_gguf.cli.plot import plot_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(plot_main())

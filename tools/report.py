@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorc_gguf.cli import report_main  # noqa: E402
+from lorc_gguf.cli.describe import describe_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(report_main())
+    sys.exit(describe_main())

@@ -1,0 +1,140 @@
+"""Input statistics of every layer's K/V projections, and the numpy forward collecting them.
+
+The K and V projections of a llama layer read the same input, the ``attn_norm`` output x (the
+norm gain already applied). LoRC's factorization wants to keep ``W x`` accurate on the inputs the
+model actually sees, so calibration records, per layer,
+
+* ``mean_sq``  E[x_i^2]            (n_embd,)           the diagonal llama.cpp's imatrix also records
+* ``second``   E[x x^T]            (n_embd, n_embd)    for full whitening (float32 on disk/in memory)
+* ``mean``     E[x]                (n_embd,)           for the mean (bias) correction
+
+and, for the output-side weighting of the factorization (see ``converter.factorize``),
+``q_pair``: the mean energy of the RoPE pairs of the queries that attend to each K row
+(rotation-averaged, so one number per adjacent pair of rows). ``collect_stats`` runs the numpy
+forward (``forward``); ``runtime_stats`` collects the same sums through llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..format.read import SourceModel
+from .forward import LayerWeights, numpy_forward
+
+Progress = Callable[[int, int], None]  # (steps done, steps in all)
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer's K/V projections (float64 unless noted)."""
+
+    count: int
+    mean: np.ndarray | None  # E[x] (None from an importance matrix)
+    mean_sq: np.ndarray  # E[x_i^2]
+    second: np.ndarray | None = None  # E[x x^T], float32
+    q_pair: np.ndarray | None = None  # (d_k/2,) rotation-averaged query energy per RoPE pair of K rows
+
+    def covariance(self, centered: bool = False) -> np.ndarray:
+        if self.second is None:
+            raise ValueError("no second moments recorded")
+        c = self.second.astype(np.float64)
+        if centered and self.mean is not None:
+            c = c - np.outer(self.mean, self.mean)
+        return 0.5 * (c + c.T)
+
+
+@dataclass
+class CalibrationStats:
+    layers: list[LayerStats]
+    n_tokens: int
+    source: str = "calibration"
+    meta: dict = field(default_factory=dict)
+
+    def has_full(self) -> bool:
+        return all(s.second is not None for s in self.layers)
+
+
+class _Accumulator:
+    def __init__(self, n_embd: int, full: bool, q_stats: bool) -> None:
+        self.n = 0
+        self.s1 = np.zeros(n_embd)
+        self.s2 = np.zeros(n_embd)
+        self.full = np.zeros((n_embd, n_embd)) if full else None
+        self.q = None
+        self.q_stats = q_stats
+
+    def add(self, x: np.ndarray) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        self.n += x2.shape[0]
+        self.s1 += x2.sum(0)
+        self.s2 += np.square(x2).sum(0)
+        if self.full is not None:
+            self.full += x2.T @ x2
+
+    def add_q(self, q_pair_energy: np.ndarray, n: int) -> None:
+        self.q = q_pair_energy if self.q is None else self.q + q_pair_energy
+
+    def finish(self) -> LayerStats:
+        n = max(self.n, 1)
+        second = None if self.full is None else (self.full / n).astype(np.float32)
+        q = None if self.q is None else self.q / n
+        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second, q_pair=q)
+
+
+def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
+                  progress: Progress | None = None) -> CalibrationStats:
+    """Run the forward over ``chunks`` and record every layer's K/V input statistics."""
+    fwd = numpy_forward(model)
+    sh = model.shape
+    accs = [_Accumulator(sh.n_embd, full, True) for _ in range(sh.n_layer)]
+
+    def on_layer(il: int, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+        accs[il].add(x)
+        # rotation-averaged query energy per RoPE pair of each KV head's rows: the score error
+        # q . R (k - k_hat) averages, over relative positions, to per-pair weights (|q_2i|^2 +
+        # |q_2i+1|^2) / 2, summed over the query heads of the group
+        B, T, _ = x.shape
+        hk = sh.head_dim_k
+        q = fwd.queries(w, x).reshape(B * T, sh.n_head, hk)
+        q = q.reshape(B * T, sh.n_head, 2, hk // 2).swapaxes(-1, -2) if sh.rope_neox else \
+            q.reshape(B * T, sh.n_head, hk // 2, 2)  # (tokens, n_head, pair, its two rows)
+        e = np.square(q.astype(np.float64)).sum(-1).sum(0) / 2.0  # (n_head, hk/2) summed over tokens
+        nkv = w.wk.shape[0] // hk
+        e = e.reshape(nkv, sh.n_head // nkv, hk // 2).sum(1).reshape(-1)  # (nkv * hk/2,)
+        accs[il].add_q(e, B * T)
+
+    n_layer = sh.n_layer
+    steps = iter(range(1, n_layer + 1))
+    fwd.run(chunks, on_layer=on_layer, progress=None if progress is None else lambda: progress(next(steps), n_layer))
+    return CalibrationStats(layers=[a.finish() for a in accs], n_tokens=int(chunks.size))
+
+
+def save_stats(stats: CalibrationStats, path: str | Path) -> None:
+    """Cache statistics as .npz (tools reuse one calibration for many conversions)."""
+    arrays: dict[str, np.ndarray] = {"n_tokens": np.asarray(stats.n_tokens), "n_layer": np.asarray(len(stats.layers)),
+                                     "meta": np.asarray(json.dumps(stats.meta, sort_keys=True))}
+    for il, s in enumerate(stats.layers):
+        arrays[f"{il}.count"] = np.asarray(s.count)
+        arrays[f"{il}.mean"] = s.mean
+        arrays[f"{il}.mean_sq"] = s.mean_sq
+        if s.second is not None:
+            arrays[f"{il}.second"] = s.second
+        if s.q_pair is not None:
+            arrays[f"{il}.q_pair"] = s.q_pair
+    np.savez(path, **arrays)
+
+
+def load_stats(path: str | Path) -> CalibrationStats:
+    with np.load(path) as z:
+        layers = []
+        for il in range(int(z["n_layer"])):
+            get = (lambda k: z[k] if k in z.files else None)
+            layers.append(LayerStats(count=int(z[f"{il}.count"]), mean=z[f"{il}.mean"], mean_sq=z[f"{il}.mean_sq"],
+                                     second=get(f"{il}.second"), q_pair=get(f"{il}.q_pair")))
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        return CalibrationStats(layers=layers, n_tokens=int(z["n_tokens"]), source=str(path), meta=meta)

@@ -1,0 +1,210 @@
+"""Prefill and decode speed of an original model, its LoRC conversions and llama.cpp's quantized
+caches, at several context lengths (``tools/bench.py``).
+
+One measurement of a configuration at context ``n``: clear the cache, decode an ``n``-token
+prompt in ``n_batch`` chunks with logits only for the last token (prefill), then drop the last
+``D`` cells (``seq_rm``) and decode ``D`` fixed tokens one per call with logits (decode at depth
+``n - D``). The prompt is real text (the evaluation half of the pydoc text). All configurations
+live in one process; every repeat runs each configuration once, in an order rotated per repeat,
+and the median over repeats is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..corpus import eval_text
+from ..errors import LorcError
+from ..format.info import gguf_info, lorc_ranks
+from ..runtime.decoding import bos_token, decode_tokens
+from .configs import ModelConfig, check_unique_labels, default_threads, make_config, open_session
+from .kv import measure_kv_bytes
+from .machine import machine_info, versions
+from .tables import table
+
+DEFAULT_CONTEXTS = (512, 2048, 4096, 8192)
+QUICK_CONTEXTS = (256, 1024)
+DEFAULT_REPEATS = 3
+DEFAULT_DECODE_TOKENS = 32
+DEFAULT_BATCH = 512
+DEFAULT_WIDTHS = (0.5,)
+MIB = 1 << 20
+
+
+def n_ctx_train(path: str | os.PathLike[str]) -> int | None:
+    return gguf_info(path)["n_ctx_train"]
+
+
+def default_contexts(train: int | None, quick: bool = False) -> list[int]:
+    """512, 2048, 4096 and 8192 (quick: 256, 1024), keeping those the model was trained for."""
+    base = QUICK_CONTEXTS if quick else DEFAULT_CONTEXTS
+    kept = [c for c in base if train is None or c <= train]
+    return kept or [min(base[0], train or base[0])]
+
+
+def lorc_cache_path(cache_dir: Path, original: Path, width: float) -> Path:
+    return cache_dir / f"{original.stem}.lorc-progressive-{width:g}.gguf"
+
+
+def convert_widths(original: Path, widths: Sequence[float], cache_dir: Path, reconvert: bool = False,
+                   log: Callable[[str], None] | None = None) -> list[Path]:
+    """Progressive LoRC conversions of ``original`` at each kept width, reused from ``cache_dir``
+    when newer than the original (``reconvert`` forces them)."""
+    from ..converter.pipeline import convert
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for w in widths:
+        dst = lorc_cache_path(cache_dir, original, w)
+        if reconvert or not dst.is_file() or dst.stat().st_mtime < original.stat().st_mtime:
+            if log:
+                log(f"converting {original.name} at width {w:g} -> {dst}")
+            convert(original, dst, allocation="progressive", ratio=w, progress=False)
+        out.append(dst)
+    return out
+
+
+def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequence[str],
+                  lorc_cache_types: Sequence[str], flash_attn: bool | None) -> list[ModelConfig]:
+    """original f16, each LoRC f16, original with each quantized cache, each LoRC with each
+    quantized (latent) cache."""
+    configs = [original]
+    lorc_configs = [make_config(p, flash_attn=flash_attn) for p in lorc]
+    configs += lorc_configs
+    configs += [make_config(original.path, t, t, flash_attn, f"{original.label} [{t}]") for t in cache_types]
+    configs += [make_config(c.path, t, t, flash_attn, f"{c.label} [{t}]") for c in lorc_configs
+                for t in lorc_cache_types]
+    check_unique_labels(configs)
+    return configs
+
+
+def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[float, float]:
+    """(prefill seconds for ``n_ctx`` tokens, decode seconds for ``n_decode`` single-token calls at
+    depth ``n_ctx - n_decode``)."""
+    session.clear()
+    tokens = list(prompt[:n_ctx])
+    t0 = time.perf_counter()
+    decode_tokens(session, tokens)
+    t1 = time.perf_counter()
+    depth = n_ctx - n_decode
+    session.seq_rm(0, depth, -1)
+    t2 = time.perf_counter()
+    for i in range(n_decode):
+        decode_tokens(session, [tokens[depth + i]], depth + i)
+    t3 = time.perf_counter()
+    session.clear()
+    return t1 - t0, t3 - t2
+
+
+def _prompt(session, n: int) -> list[int]:
+    text = eval_text()
+    text_tokens = session.tokenize(text[:16 * n + 1024], add_bos=False)  # ~4 characters a token
+    bos = bos_token(session)
+    tokens = ([bos] if bos is not None else []) + text_tokens
+    while len(tokens) < n:
+        tokens += text_tokens
+    return tokens[:n]
+
+
+def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: int = DEFAULT_REPEATS,
+              decode_tokens_n: int = DEFAULT_DECODE_TOKENS, threads: int | None = None, n_batch: int = DEFAULT_BATCH,
+              budget_mib: float | None = None, log: Callable[[str], None] | None = None,
+              settings: dict[str, int] | None = None) -> dict[str, Any]:
+    if not configs:
+        raise LorcError("no configurations to benchmark")
+    if repeats < 1:
+        raise LorcError("--repeats must be at least 1")
+    if decode_tokens_n < 1:
+        raise LorcError("--decode-tokens must be at least 1")
+    contexts = sorted(set(int(c) for c in contexts))
+    if not contexts or contexts[0] <= decode_tokens_n:
+        raise LorcError(f"every context must exceed --decode-tokens ({decode_tokens_n}): {contexts}")
+    threads = threads or default_threads()
+    machine = machine_info(threads)
+    started = time.perf_counter()
+    kv: dict[str, tuple[float, float]] = {}
+    results = []
+    for n_ctx in contexts:
+        sessions = [open_session(c, n_ctx, min(n_batch, n_ctx), threads) for c in configs]
+        try:
+            prompts = [_prompt(s, n_ctx) for s in sessions]
+            for c, s, p in zip(configs, sessions, prompts):
+                if c.label not in kv:
+                    kv[c.label] = measure_kv_bytes(s, p)
+            times: dict[str, list[tuple[float, float]]] = {c.label: [] for c in configs}
+            for r in range(repeats):
+                k = r % len(configs)
+                order = list(range(len(configs)))[k:] + list(range(len(configs)))[:k]
+                for i in order:
+                    pf, dec = measure(sessions[i], prompts[i], n_ctx, decode_tokens_n)
+                    times[configs[i].label].append((pf, dec))
+                    if log:
+                        log(f"ctx {n_ctx} repeat {r + 1}/{repeats} {configs[i].label}: "
+                            f"prefill {n_ctx / pf:.1f} tok/s, decode {decode_tokens_n / dec:.2f} tok/s")
+        finally:
+            for s in sessions:
+                s.close()
+        for c in configs:
+            pf = [t[0] for t in times[c.label]]
+            dec = [t[1] for t in times[c.label]]
+            results.append({"config": c.label, "n_ctx": n_ctx, "prefill_tokens": n_ctx,
+                            "decode_tokens": decode_tokens_n, "decode_depth": n_ctx - decode_tokens_n,
+                            "prefill_s": pf, "decode_s": dec,
+                            "prefill_tps": n_ctx / statistics.median(pf),
+                            "decode_tps": decode_tokens_n / statistics.median(dec)})
+    machine["loadavg_end"] = list(os.getloadavg())
+    config_rows = []
+    for c in configs:
+        b = kv[c.label]
+        row = {**c.describe(), "kv_bytes_per_token_raw": b.raw, "kv_bytes_per_token": b.per_token,
+               "kv_ratio": b.per_token / kv[configs[0].label].per_token,
+               "kv_exact_cells": b.exact_cells, "kv_exact_bytes": b.exact_bytes,
+               "n_ctx_train": n_ctx_train(c.path)}
+        ranks = lorc_ranks(c.path)
+        if ranks:
+            row["lorc_kept_width"] = ((sum(ranks["key_rank"]) + sum(ranks["value_rank"]))
+                                      / (len(ranks["key_rank"]) * (ranks["key_width"] + ranks["value_width"])))
+        if budget_mib is not None:
+            row["budget_ctx"] = max(0, int((budget_mib * MIB - b.exact_bytes) // b.per_token))
+        config_rows.append(row)
+    return {"tool": "bench", "machine": machine, "versions": versions(), "runtime_overrides": dict(settings or {}),
+            "settings": {"contexts": contexts, "repeats": repeats, "decode_tokens": decode_tokens_n,
+                         "n_batch": n_batch, "threads": threads, "budget_mib": budget_mib,
+                         "statistic": "median over repeats",
+                         "prefill": "n_ctx-token prompt in n_batch chunks, logits for the last token only",
+                         "decode": "single-token decode calls with logits at depth n_ctx - decode_tokens"},
+            "configs": config_rows, "results": results,
+            "elapsed_s": round(time.perf_counter() - started, 1)}
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    contexts = report["settings"]["contexts"]
+    by = {(r["config"], r["n_ctx"]): r for r in report["results"]}
+    head = ["config", "cache", "KV B/tok", "ratio", "exact"] + [f"pp/tg @{c}" for c in contexts]
+    budget = report["settings"].get("budget_mib")
+    if budget is not None:
+        head.append(f"ctx in {budget:g} MiB")
+    rows = [head]
+    for c in report["configs"]:
+        row = [c["label"],
+               c["cache_type_k"] if c["cache_type_k"] == c["cache_type_v"] else f"{c['cache_type_k']}/{c['cache_type_v']}",
+               f"{c['kv_bytes_per_token']:.0f}", f"{c['kv_ratio']:.3f}",
+               str(c["kv_exact_cells"]) if c["kv_exact_cells"] else "-"]
+        for n in contexts:
+            r = by[(c["label"], n)]
+            row.append(f"{r['prefill_tps']:.0f}/{r['decode_tps']:.1f}")
+        if budget is not None:
+            row.append(str(c["budget_ctx"]))
+        rows.append(row)
+    m = report["machine"]
+    s = report["settings"]
+    return (table(rows, right_from=2) +
+            f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}),"
+            f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
+            f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
+            f"(sinks + window), not in KV B/tok")

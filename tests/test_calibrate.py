@@ -311,3 +311,20 @@ def test_interrupt_during_runtime_calibration(outlier_model: Path, tmp_path: Pat
     with pytest.raises(KeyboardInterrupt):
         convert(outlier_model, out, ratio=0.5, progress=False, calib_tokens=2 * N_CTX, calibration_backend="runtime")
     assert len(seen) == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_auto_backend_follows_the_float32_size(tiny_llama_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: the numpy reference forward while the model's float32 weights fit, the runtime above;
+    numpy whenever query statistics are needed (only it records them)."""
+    model = open_gguf(tiny_llama_gguf)
+    size = cal.numpy_forward_bytes(model)
+    n = sum(int(np.prod(t.shape)) for t in model.tensors.values())
+    assert size == 4 * n
+    assert cal.resolve_backend(model, "auto") == "numpy"
+    assert cal.resolve_backend(model, "runtime") == "runtime"
+    monkeypatch.setattr(cal, "NUMPY_FORWARD_MAX_BYTES", size - 1)
+    assert cal.resolve_backend(model, "auto") == "runtime"
+    assert cal.resolve_backend(model, "auto", need_queries=True) == "numpy"
+    assert cal.calibrate(model, n_tokens=N_CTX).meta["backend"] == "runtime"
+    with pytest.raises(LorcError, match="unknown calibration backend 'gpu'"):
+        cal.resolve_backend(model, "gpu")

@@ -409,3 +409,20 @@ def test_shaped_gguf_has_the_real_shapes(tmp_path: Path) -> None:
     sh = open_gguf(path).shape
     assert (sh.n_layer, sh.n_embd, sh.n_head, sh.n_head_kv, sh.head_dim_k) == (1, 4096, 32, (8,), 128)
     assert {int(x) for x in open_gguf(path).tensors["blk.0.ffn_up.weight"].shape} == {14336, 4096}
+
+
+def test_defaults_study_rows(tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    """Every calibration row scored on every text; each exact window read as its own context
+    parameter (W = 8 and W = 48 must differ at ctx 64, where W = 48 keeps most cells exact)."""
+    from lorc_gguf.evaluation import quality
+
+    result = quality.defaults_study(tiny_llama_gguf, tmp_path, texts=("news", "docs"), n_chunks=1, ctx=64,
+                                    sizes=(1024,), mixes=("docs only",), backends=("runtime",), windows=(8, 48),
+                                    window_ctx=64, window_chunks=1)
+    rows = result["calibration"]["rows"]
+    assert [(r["mix"], r["tokens"], r["backend"]) for r in rows] == [
+        ("all four", 1024, "numpy"), ("docs only", 16384, "numpy"), ("all four, runtime statistics", 16384, "runtime")]
+    assert all(set(r["results"]) == {"news", "docs"} for r in rows)
+    w8, w48 = (r["results"]["news"]["ppl"] for r in result["window"]["rows"])
+    assert w8 != w48
+    assert "| all four (docs, code, dialogue, encyclopedia; numpy) | 1024 |" in quality.format_defaults_study(result)

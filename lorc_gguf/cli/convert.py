@@ -80,10 +80,11 @@ def convert_parser() -> argparse.ArgumentParser:
                          "text file; or a .npz statistics cache")
     aw.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                     help=f"calibration tokens, in chunks of 512 (default {DEFAULT_CALIB_TOKENS})")
-    aw.add_argument("--calibration-backend", choices=BACKENDS, default="numpy",
-                    help="who runs the model over the calibration text: numpy (default: a float32 forward, the "
-                         "reference; records the query statistics --out-weight needs) or runtime (llama.cpp on the "
-                         "model's own weights, through a graph evaluation callback)")
+    aw.add_argument("--calibration-backend", choices=BACKENDS, default="auto",
+                    help="who runs the model over the calibration text: numpy (a float32 forward, the reference; "
+                         "records the query statistics --out-weight needs) or runtime (llama.cpp on the model's own "
+                         "memory-mapped weights, through a graph evaluation callback). Default auto: numpy up to "
+                         "4 GiB of float32 weights (~1B parameters), runtime above")
     aw.add_argument("--imatrix", metavar="FILE",
                     help="llama.cpp importance matrix (llama-imatrix, GGUF or legacy .dat): per-channel mean "
                          "squares of the K/V inputs, used like the diagonal calibration statistics")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .. import corpus
 from ..arch import SIDES, Architecture, ModelShape, Side
-from ..calibration import BACKENDS, DEFAULT_CALIB_TOKENS, CalibrationStats
+from ..calibration import AUTO, BACKENDS, DEFAULT_CALIB_TOKENS, CalibrationStats
 from ..errors import LorcError
 from ..format import keys
 from ..format.keys import report_path
@@ -75,7 +75,7 @@ class ConvertOptions:
     # statistics cache, or a CalibrationStats; None = "builtin" when the method needs statistics
     calibration: Any = None
     calib_tokens: int = DEFAULT_CALIB_TOKENS
-    calibration_backend: str = "numpy"  # calibration.BACKENDS: who runs the model over the text
+    calibration_backend: str = AUTO  # calibration.BACKENDS: who runs the model over the text
     imatrix: str | Path | None = None  # llama.cpp importance matrix (GGUF or legacy .dat)
     ridge: float = aware.DEFAULT_RIDGE
     center: bool = False
@@ -431,9 +431,14 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log) -> Calibr
             def step(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
+            backend = calibration.resolve_backend(model, opts.calibration_backend, need_queries=opts.out_weight)
             stats = calibration.calibrate(model, text, n_tokens=opts.calib_tokens, full=opts.method == aware.WHITEN,
-                                          progress=step, domains=domains, backend=opts.calibration_backend)
-        notice(f"calibrated on {stats.n_tokens} tokens of {what}")
+                                          progress=step, domains=domains, backend=backend)
+        why = ""
+        if opts.calibration_backend == AUTO and backend == "runtime":
+            why = (f"; through the runtime: the numpy forward would hold "
+                   f"{calibration.numpy_forward_bytes(model) / 1e9:.1f} GB of float32 weights")
+        notice(f"calibrated on {stats.n_tokens} tokens of {what}{why}")
     if len(stats.layers) != model.shape.n_layer:
         raise LorcError(f"statistics cover {len(stats.layers)} layers, the model has {model.shape.n_layer}")
     if opts.out_weight and any(s.q_pair is None for s in stats.layers):

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .. import corpus
 from .. import calibration as cal
 from ..converter.pipeline import convert
+from ..errors import LorcError
 from ..format import keys
 from ..format.read import open_gguf
 from .configs import ModelConfig, make_config, with_settings
@@ -212,13 +213,11 @@ def study_mixes() -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _scored_rows(configs: list[ModelConfig], rows: list[dict[str, Any]], texts: Sequence[str], ctx: int,
-                 n_chunks: int, threads: int | None, sources: dict[str, str], log: Log,
-                 override: tuple[int, int] | None = None) -> None:
+                 n_chunks: int, threads: int | None, sources: dict[str, str], log: Log) -> None:
+    """``configs[0]`` is the original; ``rows[i]`` gets the scores of ``configs[i + 1]`` per text."""
     for text_name in texts:
         text, sources[text_name] = read_text(text_name)
-        settings = {} if override is None else {"lorc_sink_tokens": override[0], "lorc_recent_window": override[1]}
-        report = evaluate(with_settings(configs, settings), text, ctx=ctx, n_chunks=n_chunks, threads=threads,
-                          n_batch=N_BATCH, settings=settings)
+        report = evaluate(configs, text, ctx=ctx, n_chunks=n_chunks, threads=threads, n_batch=N_BATCH)
         base = report["models"][0]["ppl"]
         for row, m in zip(rows, report["models"][1:]):
             row["results"][text_name] = {"ppl": m["ppl"], "vs_original": m["ppl"] / base - 1.0, "kl": m["kl_mean"]}
@@ -227,44 +226,55 @@ def _scored_rows(configs: list[ModelConfig], rows: list[dict[str, Any]], texts: 
 
 def defaults_study(model: Path, workdir: Path, width: float = 0.5, texts: Sequence[str] = STUDY_TEXTS,
                    n_chunks: int = 8, ctx: int = 512, sizes: Sequence[int] = STUDY_SIZES,
+                   mixes: Sequence[str] | None = None, backends: Sequence[str] = ("runtime",),
                    windows: Sequence[int] = STUDY_WINDOWS, window_ctx: int = 2048, window_chunks: int = 4,
                    threads: int | None = None, log: Log = lambda msg: None) -> dict[str, Any]:
     """(a) The default conversion at ``width`` calibrated on the full mix at each of ``sizes``
-    tokens and on each mix of ``study_mixes`` at the default size, scored at ``ctx``; (b) the
-    default file read with each exact window of ``windows`` (the runtime's load-time setting, 4
-    sinks), scored at ``window_ctx`` where most cells are latent."""
+    tokens, on each mix of ``study_mixes`` (those named in ``mixes``; all by default) and through
+    each statistics backend of ``backends`` at the default size, scored at ``ctx``; (b) the default
+    file read with each exact window of ``windows`` (4 sinks; the lorc_recent_window context
+    parameter), scored at ``window_ctx`` where most cells are latent."""
     workdir.mkdir(parents=True, exist_ok=True)
-    runs: list[tuple[str, int, tuple[str, ...]]] = [("all four", n, corpus.CALIBRATION_DOMAINS) for n in sizes]
-    runs += [(name, cal.DEFAULT_CALIB_TOKENS, mix) for name, mix in study_mixes()
-             if not (mix == corpus.CALIBRATION_DOMAINS and cal.DEFAULT_CALIB_TOKENS in sizes)]
+    full = corpus.CALIBRATION_DOMAINS
+    default_backend = cal.resolve_backend(open_gguf(model), cal.AUTO)
+    runs: list[tuple[str, int, tuple[str, ...], str]] = [("all four", n, full, default_backend) for n in sizes]
+    chosen = [(name, mix) for name, mix in study_mixes() if mixes is None or name in mixes]
+    if mixes is not None and len(chosen) != len(mixes):
+        known = ", ".join(name for name, _ in study_mixes())
+        raise LorcError(f"unknown calibration mix in {', '.join(mixes)} (choose from {known})")
+    runs += [(name, cal.DEFAULT_CALIB_TOKENS, mix, default_backend) for name, mix in chosen
+             if not (mix == full and cal.DEFAULT_CALIB_TOKENS in sizes)]
+    runs += [(f"all four, {b} statistics", cal.DEFAULT_CALIB_TOKENS, full, b) for b in backends if b != default_backend]
     original = make_config(model, label="original")
     configs, rows, default_file = [original], [], None
-    for name, n_tokens, mix in runs:
-        tag = f"{'-'.join(mix)}-{n_tokens}"
+    for name, n_tokens, mix, backend in runs:
+        tag = f"{'-'.join(mix)}-{n_tokens}" + ("" if backend == default_backend else f"-{backend}")
         stats_path = workdir / f"stats-{tag}.npz"
         if not stats_path.exists():
             t0 = time.perf_counter()
-            cal.save_stats(cal.calibrate(open_gguf(model), n_tokens=n_tokens, domains=mix), stats_path)
+            stats = cal.calibrate(open_gguf(model), n_tokens=n_tokens, domains=mix, backend=backend)
+            cal.save_stats(stats, stats_path)
             log(f"calibrated {tag} in {time.perf_counter() - t0:.0f} s")
         out = workdir / f"default-{width}-{tag}.gguf"
         convert(model, out, ratio=width, calibration=str(stats_path), progress=False)
-        if mix == corpus.CALIBRATION_DOMAINS and n_tokens == cal.DEFAULT_CALIB_TOKENS:
+        if mix == full and n_tokens == cal.DEFAULT_CALIB_TOKENS and backend == default_backend:
             default_file = out
         label = f"{name}, {n_tokens} tokens"
         configs.append(make_config(out, label=label))
-        rows.append({"mix": name, "domains": list(mix), "tokens": n_tokens, "label": label, "results": {}})
+        rows.append({"mix": name, "domains": list(mix), "tokens": n_tokens, "backend": backend, "label": label,
+                     "results": {}})
     sources: dict[str, str] = {}
     _scored_rows(configs, rows, texts, ctx, n_chunks, threads, sources, log)
 
-    window_rows = []
     if default_file is None:
         default_file = workdir / f"default-{width}.gguf"
         convert(model, default_file, ratio=width, progress=False)
-    for w in windows:
-        window_rows.append({"sink_tokens": keys.DEFAULT_SINK_TOKENS, "recent_window": w, "results": {}})
-        _scored_rows([original, make_config(default_file, label=f"W = {w}")], window_rows[-1:], texts,
-                     window_ctx, window_chunks, threads, sources, log,
-                     override=(keys.DEFAULT_SINK_TOKENS, w))
+    # every window in one run per text: the exact window is a context parameter of each model
+    window_rows = [{"sink_tokens": keys.DEFAULT_SINK_TOKENS, "recent_window": w, "results": {}} for w in windows]
+    window_configs = [original] + [replace(make_config(default_file, label=f"W = {w}"),
+                                           lorc_sink_tokens=keys.DEFAULT_SINK_TOKENS, lorc_recent_window=w)
+                                   for w in windows]
+    _scored_rows(window_configs, window_rows, texts, window_ctx, window_chunks, threads, sources, log)
     return {"tool": "defaults_study", "model": str(model), "width": width, "texts": sources,
             "calibration": {"eval": {"n_ctx": ctx, "n_chunks": n_chunks, "n_batch": N_BATCH}, "rows": rows},
             "window": {"eval": {"n_ctx": window_ctx, "n_chunks": window_chunks, "n_batch": N_BATCH},
@@ -279,7 +289,7 @@ def format_defaults_study(result: dict[str, Any]) -> str:
              "| calibration text | tokens | " + " | ".join(f"{t} ppl (vs original), KL" for t in texts) + " |",
              "|---|---:|" + "---:|" * len(texts)]
     for r in c["rows"]:
-        lines.append(f"| {r['mix']} ({', '.join(r['domains'])}) | {r['tokens']} | " +
+        lines.append(f"| {r['mix']} ({', '.join(r['domains'])}; {r.get('backend', 'numpy')}) | {r['tokens']} | " +
                      " | ".join(_cell(r["results"][t], True) for t in texts) + " |")
     w = result["window"]
     lines += [f"\nExact window (the same file read with 4 sinks and W recent cells, ctx {w['eval']['n_ctx']} x "

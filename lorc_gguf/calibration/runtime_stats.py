@@ -66,6 +66,11 @@ class RuntimeStats:
         self._error: BaseException | None = None
         self._callback = lib.ggml_backend_sched_eval_callback(self._on_node)
         mparams = lib.llama_model_default_params()
+        # the weights stay in the file's memory map: the CPU backend's repacked copies of quantized
+        # weights (extra buffer types) would add the whole model to anonymous memory, on top of the
+        # float64 accumulators (at 8B shapes 8.5 GB of anonymous memory mid-calibration with them,
+        # results/bench-convert-8b.md without), for a forward that runs once
+        mparams.use_extra_bufts = False
         self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise LorcError(f"llama.cpp could not load {path} for calibration")
@@ -126,7 +131,9 @@ class RuntimeStats:
             if self.count[il] != n_tokens:
                 raise LorcError(f"calibration saw {self.count[il]} inputs of layer {il}, expected {n_tokens}: "
                                 f"the runtime's graph has no '{KV_INPUT_NODE}-{il}' node for this architecture")
-            second = None if self.second is None else (self.second[il] / n).astype(np.float32)
+            second = None
+            if self.second is not None:  # each float64 accumulator goes as its float32 mean is made
+                second, self.second[il] = (self.second[il] / n).astype(np.float32), None
             layers.append(LayerStats(count=int(self.count[il]), mean=self.s1[il] / n, mean_sq=self.s2[il] / n,
                                      second=second))
         return CalibrationStats(layers=layers, n_tokens=n_tokens, source="calibration")

@@ -13,7 +13,7 @@ Steps (each a command of its own, printed as it runs):
     defaults rest on: calibration size, genre mix and statistics backend; exact window at ctx 2048)
     tools/bench_convert.py  -> results/bench-convert-8b.json/md (a calibrated conversion of a
     Llama-3.1-8B-shaped file: wall time per stage and peak memory), results/bench-convert-70b.json/md
-    (4 layers of a 70B-shaped file, extrapolated per layer) and results/bench-convert-smollm2.json/md
+    (2 layers of a 70B-shaped file, extrapolated per layer) and results/bench-convert-smollm2.json/md
     (the two statistics backends on the embedded model)
  3. conversions of the embedded SmolLM2 with the calibration statistics of (1):
       lorc-0.5.gguf     the converter's defaults at KV width 0.5 (the demo's file)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
              "--mixes", "all four,docs only,without dialogue", "--json", out / "defaults.json"],
             stdout=out / "defaults.md")
         for name, flags in (("8b", ["--shape", "llama-3.1-8b", "--runs", "data-free,runtime"]),
-                            ("70b", ["--shape", "llama-3.1-70b", "--layers", "4", "--runs", "data-free,runtime"]),
+                            ("70b", ["--shape", "llama-3.1-70b", "--layers", "2", "--runs", "data-free,runtime"]),
                             ("smollm2", ["--model", "smollm2", "--runs", "runtime,numpy"])):
             run([py, "tools/bench_convert.py", *flags, "--calib-tokens", "4096", "--workdir", work / "bench-convert",
                  "--json", out / f"bench-convert-{name}.json"], stdout=out / f"bench-convert-{name}.md")

@@ -34,7 +34,7 @@ demo: runtime
 test: runtime
 	$(BIN)/python -m pytest -q tests
 
-# the README's quality and speed tables and plots, into results/ (about 1.5 hours on 2 cores)
+# the README's quality, defaults, converter and speed results and plots, into results/ (about 4 hours on 2 cores)
 results: runtime
 	$(BIN)/python tools/results.py
 

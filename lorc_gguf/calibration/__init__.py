@@ -57,6 +57,7 @@ def calibrate(model: SourceModel, text: str | None = None, n_tokens: int = DEFAU
     return stats
 
 
-__all__ = ["AUTO", "BACKENDS", "NUMPY_FORWARD_MAX_BYTES", "numpy_forward_bytes", "resolve_backend", "DEFAULT_CALIB_TOKENS", "CalibrationStats", "Gemma3Forward", "LayerStats", "LlamaForward",
-           "calibrate", "calibration_chunks", "chat_renderer", "collect_stats", "collect_stats_runtime", "load_stats",
-           "numpy_forward", "save_stats"]
+__all__ = ["AUTO", "BACKENDS", "DEFAULT_CALIB_TOKENS", "NUMPY_FORWARD_MAX_BYTES", "CalibrationStats", "Gemma3Forward",
+           "LayerStats", "LlamaForward", "calibrate", "calibration_chunks", "chat_renderer", "collect_stats",
+           "collect_stats_runtime", "load_stats", "numpy_forward", "numpy_forward_bytes", "resolve_backend",
+           "save_stats"]

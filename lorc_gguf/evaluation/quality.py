@@ -24,7 +24,7 @@ from ..converter.pipeline import convert
 from ..errors import LorcError
 from ..format import keys
 from ..format.read import open_gguf
-from .configs import ModelConfig, make_config, with_settings
+from .configs import ModelConfig, make_config
 from .perplexity import evaluate
 from .texts import read_text
 
@@ -60,25 +60,12 @@ Log = Callable[[str], None]
 
 
 def _row_config(path: Path, read: str, label: str) -> ModelConfig:
+    """The file read as ``read``: with its exact cells (its own defaults), with them turned off at
+    load time (the plain latent cache), or with them and a q8_0 latent cache."""
     if read == EXACT_Q8:
         return make_config(path, "q8_0", "q8_0", flash_attn=True, label=label)
-    return make_config(path, label=label)
-
-
-def _score(groups: dict[bool, list[ModelConfig]], text: str, ctx: int, n_chunks: int, threads: int | None
-           ) -> dict[str, dict[str, Any]]:
-    """Every config's row of ``evaluate`` on one text, by label; ``groups[True]`` are read with the
-    exact cells off (each group is its own run, with the original first as the KL baseline)."""
-    out: dict[str, dict[str, Any]] = {}
-    for plain, configs in groups.items():
-        if len(configs) < 2 and plain:
-            continue
-        settings = PLAIN_SETTINGS if plain else {}
-        report = evaluate(with_settings(configs, settings), text, ctx=ctx, n_chunks=n_chunks, threads=threads,
-                          n_batch=N_BATCH, settings=settings)
-        for m in report["models"]:
-            out.setdefault(m["label"], m)
-    return out
+    config = make_config(path, label=label)
+    return replace(config, **PLAIN_SETTINGS) if read == PLAIN else config
 
 
 def quality_table(model: Path, workdir: Path, texts: Sequence[str] = TEXTS, widths: Sequence[float] = WIDTHS,
@@ -124,12 +111,11 @@ def quality_table(model: Path, workdir: Path, texts: Sequence[str] = TEXTS, widt
     for name in texts:
         text, sources[name] = read_text(name)
         t0 = time.perf_counter()
-        groups = {False: [r["config_obj"] for r in rows if not r["plain"]],
-                  True: [original] + [r["config_obj"] for r in rows if r["plain"]]}
-        scored = _score(groups, text, ctx, n_chunks, threads)
-        base = scored["original"]["ppl"]
-        for r in rows:
-            m = scored[r["config_obj"].label]
+        # one run: the exact window is a context parameter of each row, the original first (KL baseline)
+        report = evaluate([r["config_obj"] for r in rows], text, ctx=ctx, n_chunks=n_chunks, threads=threads,
+                          n_batch=N_BATCH)
+        base = report["models"][0]["ppl"]
+        for r, m in zip(rows, report["models"]):
             r.setdefault("results", {})[name] = {"ppl": m["ppl"], "ppl_stderr": m["ppl_stderr"],
                                                 "vs_original": m["ppl"] / base - 1.0, "kl": m["kl_mean"],
                                                 "top1": m["top1_agreement"], "n_scored": m["n_scored"]}

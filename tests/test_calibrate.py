@@ -328,3 +328,39 @@ def test_auto_backend_follows_the_float32_size(tiny_llama_gguf: Path, monkeypatc
     assert cal.calibrate(model, n_tokens=N_CTX).meta["backend"] == "runtime"
     with pytest.raises(LorcError, match="unknown calibration backend 'gpu'"):
         cal.resolve_backend(model, "gpu")
+
+
+def test_runtime_statistics_spill_to_disk(outlier_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics too large for memory (a 70B model's float64 accumulators are 43 GB): the K/V
+    inputs go to a file and are reduced one layer at a time into memory-mapped second moments. The
+    same sums in the same order as in memory, so the statistics are equal bit for bit; the
+    inputs' file goes once reduced, the folder with the statistics."""
+    from lorc_gguf.calibration import runtime_stats
+    model = open_gguf(outlier_model)
+    chunks, _ = cal.calibration_chunks(model, n_tokens=3 * N_CTX, n_ctx=N_CTX)
+    steps = []
+    held = cal.collect_stats_runtime(model, chunks)
+    spilled = cal.collect_stats_runtime(model, chunks, spill_dir=tmp_path, memory_bytes=0,
+                                        progress=lambda done, total: steps.append((done, total)))
+    assert held.files is None and spilled.files is not None
+    folder = Path(spilled.files.name)
+    assert folder.parent == tmp_path and [p.name for p in folder.iterdir()] == ["second.npy"]
+    n_layer = model.shape.n_layer
+    assert steps == [(i, 3 + n_layer) for i in range(1, 4 + n_layer)]  # chunks, then layers reduced
+    for a, b in zip(held.layers, spilled.layers):
+        assert isinstance(b.second, np.memmap) and a.count == b.count == 3 * N_CTX
+        for x, y in ((a.second, b.second), (a.mean, b.mean), (a.mean_sq, b.mean_sq)):
+            assert np.array_equal(x, y)
+    # the statistics' folder goes with the conversion that made them
+    monkeypatch.setattr(runtime_stats, "STATS_MEMORY_BYTES", 0)
+    out = tmp_path / "conv" / "rt.gguf"
+    out.parent.mkdir()
+    convert(outlier_model, out, ratio=0.5, progress=False, calib_tokens=2 * N_CTX, calibration_backend="runtime")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rt.gguf", "rt.gguf.lorc.json"]
+    # and a cache of them loads into the same memory-mapped form
+    cal.save_stats(spilled, tmp_path / "s.npz")
+    back = cal.load_stats(tmp_path / "s.npz", spill_dir=tmp_path, memory_bytes=0)
+    assert isinstance(back.layers[1].second, np.memmap) and Path(back.files.name).parent == tmp_path
+    assert all(np.array_equal(a.second, b.second) for a, b in zip(back.layers, held.layers))
+    monkeypatch.undo()
+    assert cal.load_stats(tmp_path / "s.npz").files is None  # small statistics load into memory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,6 @@ from ..format.read import SourceModel
 from ..runtime.library import free_context, silence_llama_logs
 from .statistics import CalibrationStats, LayerStats, Progress
 
-# the graph node whose output every K/V projection reads: llama.cpp names it cb(cur, "attn_norm", il)
-# in the llama, qwen2 and gemma3 graphs (the norm with its gain applied)
 # the graph node whose output every K/V projection reads: llama.cpp names it cb(cur, "attn_norm", il)
 # in the llama, qwen2 and gemma3 graphs (the norm with its gain applied)
 KV_INPUT_NODE = "attn_norm"
@@ -45,24 +44,82 @@ class _Ggml:
         return view
 
 
+# Sums of x x^T are made in float32 over at most this many rows at a time and added up in float64:
+# a block's float32 sum has a relative error of about 1e-7 * sqrt(rows), far below the float32
+# the means are stored in, and float32 GEMM runs twice as fast as float64 on the CPU
+BLOCK_ROWS = 512
+# above this many bytes of float64 accumulators (one n_embd x n_embd matrix per layer), the K/V
+# inputs go to a file and are reduced one layer at a time once the forward is done, so memory
+# holds one layer's statistics, not every layer's: 4 GiB is exactly Llama-3.1-8B (32 x 4096^2 x 8
+# bytes); a 70B model (80 x 8192^2 x 8 = 43 GB) spills. A fixed size, like the numpy forward's
+STATS_MEMORY_BYTES = 4 * 2**30
+
+
+def accumulator_bytes(n_layer: int, n_embd: int) -> int:
+    """Bytes of the float64 E[x x^T] accumulators of every layer."""
+    return 8 * n_layer * n_embd * n_embd
+
+
+class _Sums:
+    """Float64 sums of one layer's inputs: x, x^2 and (``full``) x x^T."""
+
+    def __init__(self, n_embd: int, full: bool) -> None:
+        self.n = 0
+        self.s1, self.s2 = np.zeros(n_embd), np.zeros(n_embd)
+        self.xx = np.zeros((n_embd, n_embd)) if full else None
+
+    def add(self, x: np.ndarray) -> None:
+        for i in range(0, len(x), BLOCK_ROWS):
+            b = np.asarray(x[i:i + BLOCK_ROWS], dtype=np.float32)
+            b64 = b.astype(np.float64)
+            self.s1 += b64.sum(0)
+            self.s2 += np.square(b64).sum(0)
+            if self.xx is not None:
+                self.xx += b.T @ b
+            self.n += len(b)
+
+    def stats(self, second_out: np.ndarray | None = None) -> LayerStats:
+        n = max(self.n, 1)
+        second = None
+        if self.xx is not None:
+            second = (self.xx / n).astype(np.float32)
+            if second_out is not None:
+                second_out[...] = second
+                second = second_out
+        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second)
+
+
 class RuntimeStats:
     """Per-layer K/V input statistics collected by llama.cpp itself: the model runs on its own
     (quantized, memory-mapped) weights, and a graph evaluation callback (``cb_eval``, as
-    ``llama-imatrix`` uses) copies every ``attn_norm`` output and accumulates its sums in float64.
-    Runs on whatever backend the runtime was built for."""
+    ``llama-imatrix`` uses) copies every ``attn_norm`` output. The sums are made after each
+    ``llama_decode`` returns, not inside the callback: BLAS threads started there contend with
+    llama.cpp's own (measured on SmolLM2, 2 cores: 13.0 s for 2,048 tokens inside, 6.4 s after,
+    6.0 s for the forward alone).
+
+    ``spill_dir``: the inputs of every chunk go to a file there, and ``finish`` reduces them one
+    layer at a time, its E[x x^T] into a second file (memory-mapped): for models whose
+    accumulators do not fit in memory (``STATS_MEMORY_BYTES``). Without it one chunk's inputs
+    are held and added to every layer's float64 sums."""
 
     def __init__(self, path: Path, n_layer: int, n_embd: int, n_ctx: int, full: bool = True,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spill_dir: Path | None = None, n_tokens: int = 0) -> None:
         import llama_cpp as lib
 
         silence_llama_logs()
         self.lib, self.ggml = lib, _Ggml()
-        self.n_layer, self.n_embd, self.n_ctx = n_layer, n_embd, n_ctx
-        self.s1 = np.zeros((n_layer, n_embd))
-        self.s2 = np.zeros((n_layer, n_embd))
-        self.second = [np.zeros((n_embd, n_embd)) for _ in range(n_layer)] if full else None
-        self.count = np.zeros(n_layer, dtype=np.int64)
-        self._buf = np.empty(n_ctx * n_embd, dtype=np.float32)
+        self.n_layer, self.n_embd, self.n_ctx, self.full = n_layer, n_embd, n_ctx, full
+        self.spill_dir = spill_dir
+        self.rows = np.zeros(n_layer, dtype=np.int64)  # inputs of each layer seen so far
+        self._before = self.rows.copy()
+        self._offset = 0  # where this chunk's rows start in the spilled inputs
+        if spill_dir is None:
+            self.sums: list[_Sums] | None = [_Sums(n_embd, full) for _ in range(n_layer)]
+            self.acts = np.empty((n_layer, n_ctx, n_embd), dtype=np.float32)
+        else:
+            self.sums = None
+            self.acts = np.lib.format.open_memmap(spill_dir / "inputs.npy", mode="w+", dtype=np.float32,
+                                                  shape=(n_layer, n_tokens, n_embd))
         self._error: BaseException | None = None
         self._callback = lib.ggml_backend_sched_eval_callback(self._on_node)
         mparams = lib.llama_model_default_params()
@@ -96,14 +153,12 @@ class RuntimeStats:
                 return not ask
             if ask:
                 return True
-            x = self.ggml.read_f32(t, self._buf).reshape(-1, self.n_embd)
             il = int(layer)
-            x64 = x.astype(np.float64)
-            self.s1[il] += x64.sum(0)
-            self.s2[il] += np.square(x64).sum(0)
-            if self.second is not None:
-                self.second[il] += x64.T @ x64
-            self.count[il] += x.shape[0]
+            if self.rows[il] != self._before[il]:
+                raise LorcError(f"layer {il}'s K/V input came twice in one batch")
+            out = self.acts[il, self._offset:self._offset + self.n_ctx].reshape(-1)
+            n = self.ggml.read_f32(t, out).size // self.n_embd
+            self.rows[il] += n
             return True
         except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt included)
             self._error = e
@@ -117,25 +172,45 @@ class RuntimeStats:
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(tok), i, 1, 0
             b.seq_id[i][0] = 0
         b.logits[len(chunk) - 1] = 1
+        before = self._before = self.rows.copy()
         rc = lib.llama_decode(self.ctx, b)
         if self._error is not None:
             err, self._error = self._error, None
             raise err
         if rc != 0:
             raise LorcError(f"llama_decode failed ({rc}) during calibration")
+        if self.sums is not None:
+            for il, s in enumerate(self.sums):
+                s.add(self.acts[il, :self.rows[il] - before[il]])
+        else:
+            self._offset += len(chunk)
 
-    def finish(self, n_tokens: int) -> CalibrationStats:
-        layers = []
+    def finish(self, n_tokens: int, progress: Progress | None = None) -> CalibrationStats:
         for il in range(self.n_layer):
-            n = max(int(self.count[il]), 1)
-            if self.count[il] != n_tokens:
-                raise LorcError(f"calibration saw {self.count[il]} inputs of layer {il}, expected {n_tokens}: "
+            if self.rows[il] != n_tokens:
+                raise LorcError(f"calibration saw {self.rows[il]} inputs of layer {il}, expected {n_tokens}: "
                                 f"the runtime's graph has no '{KV_INPUT_NODE}-{il}' node for this architecture")
-            second = None
-            if self.second is not None:  # each float64 accumulator goes as its float32 mean is made
-                second, self.second[il] = (self.second[il] / n).astype(np.float32), None
-            layers.append(LayerStats(count=int(self.count[il]), mean=self.s1[il] / n, mean_sq=self.s2[il] / n,
-                                     second=second))
+        layers = []
+        if self.sums is not None:
+            for il in range(self.n_layer):  # each float64 accumulator goes as its float32 mean is made
+                layers.append(self.sums[il].stats())
+                self.sums[il] = None  # type: ignore[call-overload]
+            return CalibrationStats(layers=layers, n_tokens=n_tokens, source="calibration")
+        assert self.spill_dir is not None
+        self.close()  # the forward is done: its buffers go before the reduction
+        second = None
+        if self.full:
+            second = np.lib.format.open_memmap(self.spill_dir / "second.npy", mode="w+", dtype=np.float32,
+                                               shape=(self.n_layer, self.n_embd, self.n_embd))
+        for il in range(self.n_layer):
+            s = _Sums(self.n_embd, self.full)
+            for i in range(0, n_tokens, self.n_ctx):  # chunk by chunk, as in memory: the same sums
+                s.add(self.acts[il, i:i + self.n_ctx])
+            layers.append(s.stats(None if second is None else second[il]))
+            if progress is not None:
+                progress(il + 1, self.n_layer)
+        del self.acts
+        (self.spill_dir / "inputs.npy").unlink()
         return CalibrationStats(layers=layers, n_tokens=n_tokens, source="calibration")
 
     def close(self) -> None:
@@ -151,12 +226,31 @@ class RuntimeStats:
 
 
 def collect_stats_runtime(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
-                          progress: Progress | None = None, threads: int | None = None) -> CalibrationStats:
-    """``collect_stats`` through the runtime (``RuntimeStats``); no query statistics (q_pair)."""
+                          progress: Progress | None = None, threads: int | None = None,
+                          spill_dir: str | Path | None = None, memory_bytes: int | None = None) -> CalibrationStats:
+    """``collect_stats`` through the runtime (``RuntimeStats``); no query statistics (q_pair).
+    When every layer's float64 accumulators would exceed ``memory_bytes`` (``STATS_MEMORY_BYTES``),
+    the inputs spill to a temporary folder in ``spill_dir`` (the system's temporary folder by
+    default; the converter passes the output's folder) and the returned statistics' second
+    moments are memory-mapped from a file there, removed with the statistics."""
     sh = model.shape
-    with RuntimeStats(model.path, sh.n_layer, sh.n_embd, chunks.shape[1], full=full, threads=threads) as rt:
-        for i, chunk in enumerate(chunks):
-            rt.run(chunk)
-            if progress is not None:
-                progress(i + 1, len(chunks))
-        return rt.finish(int(chunks.size))
+    budget = STATS_MEMORY_BYTES if memory_bytes is None else memory_bytes
+    spill = full and accumulator_bytes(sh.n_layer, sh.n_embd) > budget
+    files = tempfile.TemporaryDirectory(prefix=".lorc-calibration-", dir=spill_dir) if spill else None
+    n_chunks = len(chunks)
+    steps = n_chunks + (sh.n_layer if spill else 0)
+    try:
+        with RuntimeStats(model.path, sh.n_layer, sh.n_embd, chunks.shape[1], full=full, threads=threads,
+                          spill_dir=None if files is None else Path(files.name), n_tokens=int(chunks.size)) as rt:
+            for i, chunk in enumerate(chunks):
+                rt.run(chunk)
+                if progress is not None:
+                    progress(i + 1, steps)
+            stats = rt.finish(int(chunks.size), None if progress is None else
+                              (lambda done, _total: progress(n_chunks + done, steps)))
+    except BaseException:
+        if files is not None:
+            files.cleanup()
+        raise
+    stats.files = files
+    return stats

@@ -17,9 +17,11 @@ forward (``forward``); ``runtime_stats`` collects the same sums through llama.cp
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +56,8 @@ class CalibrationStats:
     n_tokens: int
     source: str = "calibration"
     meta: dict = field(default_factory=dict)
+    # what keeps memory-mapped arrays of the layers alive (a temporary folder), if anything
+    files: Any = field(default=None, repr=False, compare=False)
 
     def has_full(self) -> bool:
         return all(s.second is not None for s in self.layers)
@@ -129,12 +133,33 @@ def save_stats(stats: CalibrationStats, path: str | Path) -> None:
     np.savez(path, **arrays)
 
 
-def load_stats(path: str | Path) -> CalibrationStats:
+def load_stats(path: str | Path, spill_dir: str | Path | None = None,
+               memory_bytes: int | None = None) -> CalibrationStats:
+    """Statistics cached by ``save_stats``. Second moments larger than ``memory_bytes`` in all
+    (float32; ``runtime_stats.STATS_MEMORY_BYTES / 2`` by default) are copied one layer at a time
+    into a memory-mapped file in a temporary folder in ``spill_dir``, as the runtime backend
+    leaves them, instead of into memory."""
+    from .runtime_stats import STATS_MEMORY_BYTES
+    budget = STATS_MEMORY_BYTES // 2 if memory_bytes is None else memory_bytes
     with np.load(path) as z:
+        n_layer = int(z["n_layer"])
+        seconds = [f"{il}.second" for il in range(n_layer) if f"{il}.second" in z.files]
+        files = second = None
+        if seconds:
+            n_embd = len(z["0.mean_sq"])
+            if 4 * len(seconds) * n_embd * n_embd > budget:
+                files = tempfile.TemporaryDirectory(prefix=".lorc-calibration-", dir=spill_dir)
+                second = np.lib.format.open_memmap(Path(files.name) / "second.npy", mode="w+", dtype=np.float32,
+                                                   shape=(n_layer, n_embd, n_embd))
         layers = []
-        for il in range(int(z["n_layer"])):
+        for il in range(n_layer):
             get = (lambda k: z[k] if k in z.files else None)
+            sec = get(f"{il}.second")
+            if sec is not None and second is not None:
+                second[il] = sec
+                sec = second[il]
             layers.append(LayerStats(count=int(z[f"{il}.count"]), mean=z[f"{il}.mean"], mean_sq=z[f"{il}.mean_sq"],
-                                     second=get(f"{il}.second"), q_pair=get(f"{il}.q_pair")))
+                                     second=sec, q_pair=get(f"{il}.q_pair")))
         meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-        return CalibrationStats(layers=layers, n_tokens=int(z["n_tokens"]), source=str(path), meta=meta)
+        return CalibrationStats(layers=layers, n_tokens=int(z["n_tokens"]), source=str(path), meta=meta,
+                                files=files)

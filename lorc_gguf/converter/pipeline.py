@@ -412,8 +412,9 @@ def _lorc_metadata(arch: str, allocation: Allocation, method: str = "svd", sink_
     ]
 
 
-def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log) -> CalibrationStats | None:
-    """The input statistics the method needs: an imatrix, a stats cache, or a calibration run."""
+def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log, spill_dir: Path) -> CalibrationStats | None:
+    """The input statistics the method needs: an imatrix, a stats cache, or a calibration run
+    (statistics too large for memory are memory-mapped from a temporary folder in ``spill_dir``)."""
     from .. import calibration
     if opts.method == aware.SVD:
         return None
@@ -424,7 +425,7 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log) -> Calibr
     if isinstance(cal, CalibrationStats):
         stats = cal
     elif str(cal).endswith(".npz"):
-        stats = calibration.load_stats(cal)
+        stats = calibration.load_stats(cal, spill_dir=spill_dir)
     else:
         text, domains, what = _calibration_source(str(cal))
         with tqdm(desc="calibration", disable=not opts.progress, leave=False) as bar:
@@ -433,7 +434,7 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log) -> Calibr
                 bar.update(done - bar.n)
             backend = calibration.resolve_backend(model, opts.calibration_backend, need_queries=opts.out_weight)
             stats = calibration.calibrate(model, text, n_tokens=opts.calib_tokens, full=opts.method == aware.WHITEN,
-                                          progress=step, domains=domains, backend=backend)
+                                          progress=step, domains=domains, backend=backend, spill_dir=spill_dir)
         why = ""
         if opts.calibration_backend == AUTO and backend == "runtime":
             why = (f"; through the runtime: the numpy forward would hold "
@@ -538,7 +539,9 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         if allocation is not None:
             _check_factor_shapes(model, allocation, qtype)
         stages.done("allocate")
-        stats = _statistics(model, opts, notice)
+        stats = _statistics(model, opts, notice, dst_path.parent)
+        if stats is not None and stats.files is not None and stats is not opts.calibration:
+            stack.callback(stats.files.cleanup)  # spilled statistics go with the conversion
         stages.done("calibration")
         weighting = _Weighting(model, stats, opts.aware)
         if allocation is None:

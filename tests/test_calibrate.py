@@ -351,16 +351,25 @@ def test_runtime_statistics_spill_to_disk(outlier_model: Path, tmp_path: Path, m
         assert isinstance(b.second, np.memmap) and a.count == b.count == 3 * N_CTX
         for x, y in ((a.second, b.second), (a.mean, b.mean), (a.mean_sq, b.mean_sq)):
             assert np.array_equal(x, y)
-    # the statistics' folder goes with the conversion that made them
-    monkeypatch.setattr(runtime_stats, "STATS_MEMORY_BYTES", 0)
+    # the statistics' folder goes with the conversion that made them (--calibration-memory 0)
     out = tmp_path / "conv" / "rt.gguf"
     out.parent.mkdir()
-    convert(outlier_model, out, ratio=0.5, progress=False, calib_tokens=2 * N_CTX, calibration_backend="runtime")
+    spilled_dirs = []
+    real = runtime_stats.RuntimeStats.finish
+
+    def finish(self, *a, **k):
+        spilled_dirs.append(self.spill_dir)
+        return real(self, *a, **k)
+    monkeypatch.setattr(runtime_stats.RuntimeStats, "finish", finish)
+    convert(outlier_model, out, ratio=0.5, progress=False, calib_tokens=2 * N_CTX, calibration_backend="runtime",
+            calibration_memory=0)
+    assert len(spilled_dirs) == 1 and spilled_dirs[0].parent == out.parent
     assert sorted(p.name for p in out.parent.iterdir()) == ["rt.gguf", "rt.gguf.lorc.json"]
+    with pytest.raises(LorcError, match="calibration memory must be >= 0 GiB"):
+        convert(outlier_model, out, calibration_memory=-1, progress=False)
     # and a cache of them loads into the same memory-mapped form
     cal.save_stats(spilled, tmp_path / "s.npz")
     back = cal.load_stats(tmp_path / "s.npz", spill_dir=tmp_path, memory_bytes=0)
     assert isinstance(back.layers[1].second, np.memmap) and Path(back.files.name).parent == tmp_path
     assert all(np.array_equal(a.second, b.second) for a, b in zip(back.layers, held.layers))
-    monkeypatch.undo()
     assert cal.load_stats(tmp_path / "s.npz").files is None  # small statistics load into memory

@@ -46,15 +46,16 @@ def resolve_backend(model: SourceModel, backend: str, need_queries: bool = False
 def calibrate(model: SourceModel, text: str | None = None, n_tokens: int = DEFAULT_CALIB_TOKENS,
               n_ctx: int = DEFAULT_CTX, full: bool = True, progress: Progress | None = None,
               domains: Sequence[str] | None = None, backend: str = AUTO,
-              spill_dir: str | Path | None = None) -> CalibrationStats:
+              spill_dir: str | Path | None = None, memory_bytes: int | None = None) -> CalibrationStats:
     """Statistics from ``text``, or from the built-in domains (see ``calibration_chunks``),
     ~``n_tokens`` tokens, collected by the numpy forward (the reference, which also records the
     query statistics that ``--out-weight`` needs) or by the runtime (``resolve_backend``; inputs
-    of a model too large for its statistics to be held in memory spill to ``spill_dir``)."""
+    of a model whose statistics exceed ``memory_bytes`` spill to ``spill_dir``)."""
     backend = resolve_backend(model, backend)
     chunks, meta = calibration_chunks(model, text, n_tokens, n_ctx, domains)
     if backend == "runtime":
-        stats = collect_stats_runtime(model, chunks, full=full, progress=progress, spill_dir=spill_dir)
+        stats = collect_stats_runtime(model, chunks, full=full, progress=progress, spill_dir=spill_dir,
+                                      memory_bytes=memory_bytes)
     else:
         stats = collect_stats(model, chunks, full=full, progress=progress)
     stats.source = "calibration"

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import LorcError
 from ..format.read import SourceModel
 from ..runtime.library import free_context, silence_llama_logs
-from .statistics import CalibrationStats, LayerStats, Progress
+from .statistics import STATS_MEMORY_BYTES, CalibrationStats, LayerStats, Progress, accumulator_bytes
 
 # the graph node whose output every K/V projection reads: llama.cpp names it cb(cur, "attn_norm", il)
 # in the llama, qwen2 and gemma3 graphs (the norm with its gain applied)
@@ -48,18 +48,6 @@ class _Ggml:
 # a block's float32 sum has a relative error of about 1e-7 * sqrt(rows), far below the float32
 # the means are stored in, and float32 GEMM runs twice as fast as float64 on the CPU
 BLOCK_ROWS = 512
-# above this many bytes of float64 accumulators (one n_embd x n_embd matrix per layer), the K/V
-# inputs go to a file and are reduced one layer at a time once the forward is done, so memory
-# holds one layer's statistics, not every layer's: 4 GiB is exactly Llama-3.1-8B (32 x 4096^2 x 8
-# bytes); a 70B model (80 x 8192^2 x 8 = 43 GB) spills. A fixed size, like the numpy forward's
-STATS_MEMORY_BYTES = 4 * 2**30
-
-
-def accumulator_bytes(n_layer: int, n_embd: int) -> int:
-    """Bytes of the float64 E[x x^T] accumulators of every layer."""
-    return 8 * n_layer * n_embd * n_embd
-
-
 class _Sums:
     """Float64 sums of one layer's inputs: x, x^2 and (``full``) x x^T."""
 

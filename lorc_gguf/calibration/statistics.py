@@ -30,6 +30,17 @@ from .forward import LayerWeights, numpy_forward
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
+# above this many bytes of float64 accumulators (one n_embd x n_embd matrix per layer), the K/V
+# inputs go to a file and are reduced one layer at a time once the forward is done, so memory
+# holds one layer's statistics, not every layer's: 4 GiB is exactly Llama-3.1-8B (32 x 4096^2 x 8
+# bytes); a 70B model (80 x 8192^2 x 8 = 43 GB) spills. A fixed size, like the numpy forward's
+STATS_MEMORY_BYTES = 4 * 2**30
+
+
+def accumulator_bytes(n_layer: int, n_embd: int) -> int:
+    """Bytes of the float64 E[x x^T] accumulators of every layer."""
+    return 8 * n_layer * n_embd * n_embd
+
 
 @dataclass
 class LayerStats:
@@ -136,10 +147,9 @@ def save_stats(stats: CalibrationStats, path: str | Path) -> None:
 def load_stats(path: str | Path, spill_dir: str | Path | None = None,
                memory_bytes: int | None = None) -> CalibrationStats:
     """Statistics cached by ``save_stats``. Second moments larger than ``memory_bytes`` in all
-    (float32; ``runtime_stats.STATS_MEMORY_BYTES / 2`` by default) are copied one layer at a time
+    (float32; ``STATS_MEMORY_BYTES / 2`` by default) are copied one layer at a time
     into a memory-mapped file in a temporary folder in ``spill_dir``, as the runtime backend
     leaves them, instead of into memory."""
-    from .runtime_stats import STATS_MEMORY_BYTES
     budget = STATS_MEMORY_BYTES // 2 if memory_bytes is None else memory_bytes
     with np.load(path) as z:
         n_layer = int(z["n_layer"])

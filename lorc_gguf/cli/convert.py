@@ -85,6 +85,10 @@ def convert_parser() -> argparse.ArgumentParser:
                          "records the query statistics --out-weight needs) or runtime (llama.cpp on the model's own "
                          "memory-mapped weights, through a graph evaluation callback). Default auto: numpy up to "
                          "4 GiB of float32 weights (~1B parameters), runtime above")
+    aw.add_argument("--calibration-memory", type=float, metavar="GIB",
+                    help="memory the runtime backend's statistics may take (float64, one n_embd^2 matrix per "
+                         "layer); larger ones go to a temporary file beside the output and are reduced one layer at "
+                         "a time. Default 4 (an 8B model's fit; a 70B model's 43 GB spill)")
     aw.add_argument("--imatrix", metavar="FILE",
                     help="llama.cpp importance matrix (llama-imatrix, GGUF or legacy .dat): per-channel mean "
                          "squares of the K/V inputs, used like the diagonal calibration statistics")
@@ -115,6 +119,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                          rank_multiple=args.rank_multiple, outtype=args.outtype, progress=not args.no_progress,
                          data_free=args.data_free, method=args.method, calibration=args.calibration,
                          calib_tokens=args.calib_tokens, calibration_backend=args.calibration_backend,
+                         calibration_memory=args.calibration_memory,
                          imatrix=args.imatrix, ridge=args.ridge, center=args.center, out_weight=args.out_weight,
                          sink_tokens=args.sink_tokens, recent_window=args.recent_window,
                          decode_top_k=args.decode_top_k,

@@ -76,6 +76,9 @@ class ConvertOptions:
     calibration: Any = None
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     calibration_backend: str = AUTO  # calibration.BACKENDS: who runs the model over the text
+    # GiB of float64 accumulators the runtime backend may hold; larger statistics spill to a
+    # temporary folder beside the output (None: calibration.statistics.STATS_MEMORY_BYTES)
+    calibration_memory: float | None = None
     imatrix: str | Path | None = None  # llama.cpp importance matrix (GGUF or legacy .dat)
     ridge: float = aware.DEFAULT_RIDGE
     center: bool = False
@@ -135,6 +138,8 @@ class ConvertOptions:
             raise LorcError("method svd is data-free; drop --calibration/--imatrix or choose an activation-aware method")
         if isinstance(self.calib_tokens, bool) or not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise LorcError(f"calibration tokens must be a positive integer, got {self.calib_tokens!r}")
+        if self.calibration_memory is not None and not self.calibration_memory >= 0:
+            raise LorcError(f"calibration memory must be >= 0 GiB, got {self.calibration_memory!r}")
         if not (math.isfinite(self.ridge) and self.ridge >= 0.0):
             raise LorcError(f"ridge must be >= 0, got {self.ridge}")
         if self.calibration_backend not in BACKENDS:
@@ -418,6 +423,7 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log, spill_dir
     from .. import calibration
     if opts.method == aware.SVD:
         return None
+    memory = None if opts.calibration_memory is None else int(opts.calibration_memory * 2**30)
     if opts.imatrix is not None:
         from .imatrix import imatrix_stats
         return imatrix_stats(opts.imatrix, model.shape.n_layer)
@@ -425,7 +431,8 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log, spill_dir
     if isinstance(cal, CalibrationStats):
         stats = cal
     elif str(cal).endswith(".npz"):
-        stats = calibration.load_stats(cal, spill_dir=spill_dir)
+        stats = calibration.load_stats(cal, spill_dir=spill_dir,
+                                       memory_bytes=None if memory is None else memory // 2)
     else:
         text, domains, what = _calibration_source(str(cal))
         with tqdm(desc="calibration", disable=not opts.progress, leave=False) as bar:
@@ -434,7 +441,8 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log, spill_dir
                 bar.update(done - bar.n)
             backend = calibration.resolve_backend(model, opts.calibration_backend, need_queries=opts.out_weight)
             stats = calibration.calibrate(model, text, n_tokens=opts.calib_tokens, full=opts.method == aware.WHITEN,
-                                          progress=step, domains=domains, backend=backend, spill_dir=spill_dir)
+                                          progress=step, domains=domains, backend=backend, spill_dir=spill_dir,
+                                          memory_bytes=memory)
         why = ""
         if opts.calibration_backend == AUTO and backend == "runtime":
             why = (f"; through the runtime: the numpy forward would hold "

@@ -87,6 +87,7 @@ def bench_convert(shape: str, workdir: Path, n_layer: int | None = None, calib_t
             t0 = time.perf_counter()
             synth.make_shaped_gguf(src, shape, n_layer=n_layer)
             log(f"wrote {src.name} ({src.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+    from ..calibration.statistics import STATS_MEMORY_BYTES
     from ..format.read import open_gguf
 
     n_layer = n_layer or open_gguf(src).shape.n_layer
@@ -96,6 +97,10 @@ def bench_convert(shape: str, workdir: Path, n_layer: int | None = None, calib_t
         out = workdir / f"{src.stem}-{run}.gguf"
         flags = ["--data-free"] if run == "data-free" else ["--calib-tokens", str(calib_tokens),
                                                             "--calibration-backend", run]
+        if run == "runtime" and n_layer < full_layers:
+            # the statistics' memory scaled with the layers kept: the file spills (or not) as the
+            # whole model would
+            flags += ["--calibration-memory", f"{STATS_MEMORY_BYTES / 2**30 * n_layer / full_layers:.6g}"]
         cmd = [sys.executable, str(REPO_ROOT / "tools" / "convert.py"), str(src), str(out), "--no-progress",
                "--quiet", *flags]
         log(f"$ {' '.join(cmd[1:])}")

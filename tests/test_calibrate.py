@@ -141,6 +141,28 @@ def test_whitening_is_exact_at_full_rank(outlier_stats: cal.CalibrationStats) ->
     assert errors[0] == pytest.approx(1.0) and errors[-1] == 0.0 and np.all(np.diff(errors) <= 1e-12)
 
 
+def test_down_factor_without_solving_with_the_whitening(outlier_stats: cal.CalibrationStats,
+                                                         outlier_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """down = S^-1 U^T W (the SVD's identity) equals V^T L^-1 (a solve with the n x n whitening
+    factor), and the solve is kept where a kept singular value is too small to divide by."""
+    model = open_gguf(outlier_model)
+    w = model.weight(Side.KEY, 1)
+    tr = aware.make_transform(outlier_stats.layers[1], Side.KEY, aware.AwareOptions())
+    dec = aware.Decomposition.of(w, tr)
+    for r in (8, 32, len(dec.s)):
+        solved = tr.unright(dec.vt[:r])
+        # float64 rounding of two ways to the same product: measured <= 6e-14 relative on
+        # SmolLM2's whitened weights (ranks 32-160); 1e-9 leaves room for worse-conditioned L
+        assert np.linalg.norm(dec.factors(r).down - solved) <= 1e-9 * np.linalg.norm(solved)
+    calls = []
+    monkeypatch.setattr(aware.Transform, "unright", lambda self, vt: calls.append(len(vt)) or vt)
+    dec.factors(8)
+    assert calls == []
+    monkeypatch.setattr(aware, "DIRECT_DOWN_MIN", 2.0)  # every kept value "too small": the solve
+    dec.factors(8)
+    assert calls == [8]
+
+
 def test_calibrated_conversion_runs_closer_to_the_original(outlier_model: Path, tmp_path: Path) -> None:
     tokens = eval_tokens(outlier_model)
     reference = runtime_logits(outlier_model, tokens)

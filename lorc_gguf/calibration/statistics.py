@@ -57,8 +57,10 @@ class LayerStats:
             raise ValueError("no second moments recorded")
         c = self.second.astype(np.float64)
         if centered and self.mean is not None:
-            c = c - np.outer(self.mean, self.mean)
-        return 0.5 * (c + c.T)
+            c -= np.outer(self.mean, self.mean)
+        c += c.T  # numpy buffers the overlapping transpose; two n x n arrays at most, not four
+        c *= 0.5
+        return c
 
 
 @dataclass

@@ -291,6 +291,9 @@ class _Weighting:
     def __init__(self, model: SourceModel, stats: CalibrationStats | None, opts: aware.AwareOptions) -> None:
         self.model, self.stats, self.opts = model, stats, opts
         self.output_errors: dict[tuple[Side, int], float] = {}
+        # the last layer's input factor: its K and V (adjacent in every pass) read the same input,
+        # so one Cholesky of its n_embd^2 second moment serves both (6 s at n_embd 8192)
+        self._input: tuple[int, np.ndarray | None] | None = None
 
     @property
     def active(self) -> bool:
@@ -304,9 +307,12 @@ class _Weighting:
         if self.opts.out_weight and side is Side.VALUE:
             t = self.model.tensors[f"blk.{layer}.attn_output.weight"]
             wo = gguf.quants.dequantize(t.data, t.tensor_type).reshape(sh.n_embd, -1)
-        return aware.make_transform(self.stats.layers[layer], side, self.opts, wo=wo, n_head=sh.n_head,
+        stats = self.stats.layers[layer]
+        if self._input is None or self._input[0] != layer:
+            self._input = (layer, aware.layer_input_factor(stats, self.opts))
+        return aware.make_transform(stats, side, self.opts, wo=wo, n_head=sh.n_head,
                                     n_head_kv=sh.n_head_kv[layer], head_dim=sh.head_dim_v, head_dim_k=sh.head_dim_k,
-                                    rope_neox=sh.rope_neox)
+                                    rope_neox=sh.rope_neox, input_l=self._input[1])
 
     def decomposition(self, side: Side, layer: int, w: np.ndarray) -> aware.Decomposition:
         return aware.Decomposition.of(w, self.transform(side, layer))

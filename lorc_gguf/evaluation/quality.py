@@ -188,7 +188,7 @@ def write(result: dict[str, Any], path: Path) -> None:
 
 STUDY_SIZES = (4096, 16384, 65536)
 STUDY_TEXTS = corpus.HELD_OUT_DOMAINS
-STUDY_WINDOWS = (64, 128, 256, 512)
+STUDY_WINDOWS = (64, 128, 256, 384, 512)
 
 
 def study_mixes() -> list[tuple[str, tuple[str, ...]]]:

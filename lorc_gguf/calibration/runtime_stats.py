@@ -85,7 +85,7 @@ class RuntimeStats:
     llama.cpp's own (measured on SmolLM2, 2 cores: 13.0 s for 2,048 tokens inside, 6.4 s after,
     6.0 s for the forward alone).
 
-    ``spill_dir``: the inputs of every chunk go to a file there, and ``finish`` reduces them one
+    ``spill_dir``: the inputs of every chunk go to files there (one per layer), and ``finish`` reduces them one
     layer at a time, its E[x x^T] into a second file (memory-mapped): for models whose
     accumulators do not fit in memory (``STATS_MEMORY_BYTES``). Without it one chunk's inputs
     are held and added to every layer's float64 sums."""
@@ -106,8 +106,10 @@ class RuntimeStats:
             self.acts = np.empty((n_layer, n_ctx, n_embd), dtype=np.float32)
         else:
             self.sums = None
-            self.acts = np.lib.format.open_memmap(spill_dir / "inputs.npy", mode="w+", dtype=np.float32,
-                                                  shape=(n_layer, n_tokens, n_embd))
+            # a file per layer, each removed once reduced: the disk holds the inputs and the second
+            # moments made so far, never both in full (70B, 4,096 tokens: 10.7 and 21.5 GB)
+            self.acts = [np.lib.format.open_memmap(self._inputs_path(il), mode="w+", dtype=np.float32,
+                                                   shape=(n_tokens, n_embd)) for il in range(n_layer)]
         self._error: BaseException | None = None
         self._callback = lib.ggml_backend_sched_eval_callback(self._on_node)
         mparams = lib.llama_model_default_params()
@@ -144,7 +146,7 @@ class RuntimeStats:
             il = int(layer)
             if self.rows[il] != self._before[il]:
                 raise LorcError(f"layer {il}'s K/V input came twice in one batch")
-            out = self.acts[il, self._offset:self._offset + self.n_ctx].reshape(-1)
+            out = self.acts[il][self._offset:self._offset + self.n_ctx].reshape(-1)
             n = self.ggml.read_f32(t, out).size // self.n_embd
             self.rows[il] += n
             return True
@@ -169,7 +171,7 @@ class RuntimeStats:
             raise LorcError(f"llama_decode failed ({rc}) during calibration")
         if self.sums is not None:
             for il, s in enumerate(self.sums):
-                s.add(self.acts[il, :self.rows[il] - before[il]])
+                s.add(self.acts[il][:self.rows[il] - before[il]])
         else:
             self._offset += len(chunk)
 
@@ -193,13 +195,17 @@ class RuntimeStats:
         for il in range(self.n_layer):
             s = _Sums(self.n_embd, self.full)
             for i in range(0, n_tokens, self.n_ctx):  # chunk by chunk, as in memory: the same sums
-                s.add(self.acts[il, i:i + self.n_ctx])
+                s.add(self.acts[il][i:i + self.n_ctx])
             layers.append(s.stats(None if second is None else second[il]))
+            self.acts[il] = None  # type: ignore[call-overload]
+            self._inputs_path(il).unlink()
             if progress is not None:
                 progress(il + 1, self.n_layer)
-        del self.acts
-        (self.spill_dir / "inputs.npy").unlink()
         return CalibrationStats(layers=layers, n_tokens=n_tokens, source="calibration")
+
+    def _inputs_path(self, il: int) -> Path:
+        assert self.spill_dir is not None
+        return self.spill_dir / f"inputs-{il}.npy"
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

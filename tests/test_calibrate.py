@@ -111,6 +111,7 @@ def test_stats_round_trip(outlier_stats: cal.CalibrationStats, tmp_path: Path) -
     assert back.n_tokens == outlier_stats.n_tokens
     for a, b in zip(outlier_stats.layers, back.layers):
         assert np.array_equal(a.mean_sq, b.mean_sq) and np.array_equal(a.second, b.second)
+        assert np.array_equal(a.first, b.first)
 
 
 # --- activation-aware factorization ---------------------------------------------------------------
@@ -301,6 +302,8 @@ def test_runtime_statistics_match_the_numpy_forward(smollm2_path: Path) -> None:
     for a, b in zip(ours.layers, ref.layers):
         assert rel(a.mean, b.mean) < 0.03 and rel(a.mean_sq, b.mean_sq) < 0.03
         assert a.q_pair is None  # query statistics come from the numpy forward only
+        assert a.first.shape == b.first.shape == (2, 576) and rel(a.first, b.first) < 0.03
+    assert rel(ours.layers[0].first, ref.layers[0].first) < 1e-5
 
 
 def test_runtime_backend_converts(outlier_model: Path, tmp_path: Path) -> None:
@@ -371,7 +374,7 @@ def test_runtime_statistics_spill_to_disk(outlier_model: Path, tmp_path: Path, m
     assert steps == [(i, 3 + n_layer) for i in range(1, 4 + n_layer)]  # chunks, then layers reduced
     for a, b in zip(held.layers, spilled.layers):
         assert isinstance(b.second, np.memmap) and a.count == b.count == 3 * N_CTX
-        for x, y in ((a.second, b.second), (a.mean, b.mean), (a.mean_sq, b.mean_sq)):
+        for x, y in ((a.second, b.second), (a.mean, b.mean), (a.mean_sq, b.mean_sq), (a.first, b.first)):
             assert np.array_equal(x, y)
     # the statistics' folder goes with the conversion that made them (--calibration-memory 0)
     out = tmp_path / "conv" / "rt.gguf"
@@ -393,5 +396,42 @@ def test_runtime_statistics_spill_to_disk(outlier_model: Path, tmp_path: Path, m
     cal.save_stats(spilled, tmp_path / "s.npz")
     back = cal.load_stats(tmp_path / "s.npz", spill_dir=tmp_path, memory_bytes=0)
     assert isinstance(back.layers[1].second, np.memmap) and Path(back.files.name).parent == tmp_path
-    assert all(np.array_equal(a.second, b.second) for a, b in zip(back.layers, held.layers))
+    assert all(np.array_equal(a.second, b.second) and np.array_equal(a.first, b.first)
+               for a, b in zip(back.layers, held.layers))
     assert cal.load_stats(tmp_path / "s.npz").files is None  # small statistics load into memory
+
+
+def test_sink_weight_carries_the_first_position(outlier_model: Path, outlier_stats: cal.CalibrationStats) -> None:
+    """Weighting the chunks' first-position inputs (where a BOS sink forms; the same vector in
+    every chunk) as much as all the others keeps their K/V nearly exact at half rank, at a small
+    cost on the rest. Measured here: first-position error 25x smaller (0.034 -> 0.0013 at most),
+    overall output error up by at most 10% (0.0092 -> 0.0101); the bounds leave 2.5x / 2x room."""
+    model = open_gguf(outlier_model)
+    for side, il, w in model.iter_weights():
+        stats = outlier_stats.layers[il]
+        assert stats.first is not None and stats.first.shape == (4, 128)
+        x0 = stats.first.astype(np.float64)
+        errors = []
+        for weight in (0.0, aware.DEFAULT_SINK_WEIGHT):
+            dec = aware.Decomposition.of(w, aware.make_transform(stats, side, aware.AwareOptions(sink_weight=weight)))
+            p = dec.factors(w.shape[0] // 2).product()
+            errors.append((np.linalg.norm((w - p) @ x0.T) / np.linalg.norm(w @ x0.T), aware.output_error(w, p, stats)))
+        (first0, all0), (first1, all1) = errors
+        assert first1 < 0.1 * first0 and all1 < 1.2 * all0, (side, il, errors)
+
+
+def test_sink_weight_default_follows_the_exact_sinks(outlier_model: Path, tmp_path: Path) -> None:
+    """On by default only where the file has no exact sink cells; statistics without first
+    positions (an older .npz) leave the whitening as it was."""
+    out = tmp_path / "o.gguf"
+
+    def weight(**options) -> float:
+        report = convert(outlier_model, out, ratio=0.5, progress=False, calib_tokens=2 * N_CTX, **options)
+        return report["calibration"]["sink_weight"]
+    assert weight() == 0.0
+    assert weight(sink_tokens=0, recent_window=0) == aware.DEFAULT_SINK_WEIGHT
+    assert weight(sink_tokens=0, recent_window=64) == aware.DEFAULT_SINK_WEIGHT
+    assert weight(sink_weight=3.0) == 3.0
+    assert "calibration" not in convert(outlier_model, out, data_free=True, progress=False)
+    with pytest.raises(LorcError, match="sink weight must be >= 0"):
+        convert(outlier_model, out, sink_weight=-1.0, progress=False)

@@ -55,6 +55,12 @@ class _Sums:
         self.n = 0
         self.s1, self.s2 = np.zeros(n_embd), np.zeros(n_embd)
         self.xx = np.zeros((n_embd, n_embd)) if full else None
+        self.firsts: list[np.ndarray] = []
+
+    def add_chunk(self, x: np.ndarray) -> None:
+        """One calibration chunk's inputs, in position order."""
+        self.add(x)
+        self.firsts.append(np.array(x[:1], dtype=np.float32))
 
     def add(self, x: np.ndarray) -> None:
         for i in range(0, len(x), BLOCK_ROWS):
@@ -74,7 +80,8 @@ class _Sums:
             if second_out is not None:
                 second_out[...] = second
                 second = second_out
-        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second)
+        first = np.concatenate(self.firsts) if self.firsts else None
+        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second, first=first)
 
 
 class RuntimeStats:
@@ -171,7 +178,7 @@ class RuntimeStats:
             raise LorcError(f"llama_decode failed ({rc}) during calibration")
         if self.sums is not None:
             for il, s in enumerate(self.sums):
-                s.add(self.acts[il][:self.rows[il] - before[il]])
+                s.add_chunk(self.acts[il][:self.rows[il] - before[il]])
         else:
             self._offset += len(chunk)
 
@@ -195,7 +202,7 @@ class RuntimeStats:
         for il in range(self.n_layer):
             s = _Sums(self.n_embd, self.full)
             for i in range(0, n_tokens, self.n_ctx):  # chunk by chunk, as in memory: the same sums
-                s.add(self.acts[il][i:i + self.n_ctx])
+                s.add_chunk(self.acts[il][i:i + self.n_ctx])
             layers.append(s.stats(None if second is None else second[il]))
             self.acts[il] = None  # type: ignore[call-overload]
             self._inputs_path(il).unlink()

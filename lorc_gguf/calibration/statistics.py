@@ -51,6 +51,9 @@ class LayerStats:
     mean_sq: np.ndarray  # E[x_i^2]
     second: np.ndarray | None = None  # E[x x^T], float32
     q_pair: np.ndarray | None = None  # (d_k/2,) rotation-averaged query energy per RoPE pair of K rows
+    # (chunks, n_embd) float32: the input at each calibration chunk's first position, where
+    # attention sinks form (a BOS token's input is the same vector in every chunk)
+    first: np.ndarray | None = None
 
     def covariance(self, centered: bool = False) -> np.ndarray:
         if self.second is None:
@@ -84,6 +87,7 @@ class _Accumulator:
         self.full = np.zeros((n_embd, n_embd)) if full else None
         self.q = None
         self.q_stats = q_stats
+        self.firsts: list[np.ndarray] = []
 
     def add(self, x: np.ndarray) -> None:
         x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
@@ -93,6 +97,9 @@ class _Accumulator:
         if self.full is not None:
             self.full += x2.T @ x2
 
+    def add_first(self, x0: np.ndarray) -> None:
+        self.firsts.append(np.asarray(x0, dtype=np.float32).reshape(-1, x0.shape[-1]))
+
     def add_q(self, q_pair_energy: np.ndarray, n: int) -> None:
         self.q = q_pair_energy if self.q is None else self.q + q_pair_energy
 
@@ -100,7 +107,8 @@ class _Accumulator:
         n = max(self.n, 1)
         second = None if self.full is None else (self.full / n).astype(np.float32)
         q = None if self.q is None else self.q / n
-        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second, q_pair=q)
+        first = np.concatenate(self.firsts) if self.firsts else None
+        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second, q_pair=q, first=first)
 
 
 def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
@@ -112,6 +120,7 @@ def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
 
     def on_layer(il: int, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
         accs[il].add(x)
+        accs[il].add_first(x[:, 0])
         # rotation-averaged query energy per RoPE pair of each KV head's rows: the score error
         # q . R (k - k_hat) averages, over relative positions, to per-pair weights (|q_2i|^2 +
         # |q_2i+1|^2) / 2, summed over the query heads of the group
@@ -143,6 +152,8 @@ def save_stats(stats: CalibrationStats, path: str | Path) -> None:
             arrays[f"{il}.second"] = s.second
         if s.q_pair is not None:
             arrays[f"{il}.q_pair"] = s.q_pair
+        if s.first is not None:
+            arrays[f"{il}.first"] = s.first
     np.savez(path, **arrays)
 
 
@@ -171,7 +182,7 @@ def load_stats(path: str | Path, spill_dir: str | Path | None = None,
                 second[il] = sec
                 sec = second[il]
             layers.append(LayerStats(count=int(z[f"{il}.count"]), mean=z[f"{il}.mean"], mean_sq=z[f"{il}.mean_sq"],
-                                     second=sec, q_pair=get(f"{il}.q_pair")))
+                                     second=sec, q_pair=get(f"{il}.q_pair"), first=get(f"{il}.first")))
         meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
         return CalibrationStats(layers=layers, n_tokens=int(z["n_tokens"]), source=str(path), meta=meta,
                                 files=files)

@@ -94,6 +94,10 @@ def convert_parser() -> argparse.ArgumentParser:
                          "squares of the K/V inputs, used like the diagonal calibration statistics")
     aw.add_argument("--ridge", type=float, default=aware.DEFAULT_RIDGE,
                     help=f"whitening ridge, relative to the mean input energy (default {aware.DEFAULT_RIDGE})")
+    aw.add_argument("--sink-weight", type=float, default=None, metavar="A",
+                    help="weight of the calibration chunks' first-position inputs (where attention sinks form) in "
+                         "the whitening, relative to all other inputs together (default 1 when the file has no exact "
+                         "sink cells, e.g. sliding-window models or --sink-tokens 0; else 0)")
     aw.add_argument("--center", action="store_true",
                     help="factorize the centered covariance and fold (W - up.down) E[x] into the K/V bias "
                          "(off by default: it made SmolLM2 worse, the attention-sink token is far from the mean)")
@@ -120,7 +124,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                          data_free=args.data_free, method=args.method, calibration=args.calibration,
                          calib_tokens=args.calib_tokens, calibration_backend=args.calibration_backend,
                          calibration_memory=args.calibration_memory,
-                         imatrix=args.imatrix, ridge=args.ridge, center=args.center, out_weight=args.out_weight,
+                         imatrix=args.imatrix, ridge=args.ridge, sink_weight=args.sink_weight, center=args.center, out_weight=args.out_weight,
                          sink_tokens=args.sink_tokens, recent_window=args.recent_window,
                          decode_top_k=args.decode_top_k,
                          log=lambda msg: print(f"notice: {msg}", file=sys.stderr))

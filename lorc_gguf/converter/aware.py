@@ -44,6 +44,9 @@ METHODS = (SVD, DIAG, WHITEN)
 SENSITIVITY = "sensitivity"
 
 DEFAULT_RIDGE = 1e-3
+# first-position inputs weigh as much as all the others together when the file has no exact sink
+# cells (measured on Gemma-3-270M: see README, "Sinks in the factorization")
+DEFAULT_SINK_WEIGHT = 1.0
 DIAG_FLOOR = 1e-6  # relative to the largest rms: a dead channel keeps a tiny, finite scale
 # down = S^-1 U^T M W (no solve with L) while the smallest kept singular value is above this,
 # relative to the largest: dividing by it then loses at most ~1e-10 of float64's 1e-16
@@ -56,6 +59,7 @@ class AwareOptions:
     ridge: float = DEFAULT_RIDGE
     center: bool = False  # measured: folding the mean into a bias hurts (SmolLM2 ppl 13.7 -> 18.7)
     out_weight: bool = False
+    sink_weight: float = 0.0  # see input_factor
 
 
 @dataclass
@@ -91,7 +95,14 @@ class Transform:
         return np.linalg.solve(self.l.T, vt.T).T
 
 
-def input_factor(stats: LayerStats, method: str, ridge: float, center: bool) -> np.ndarray | None:
+def input_factor(stats: LayerStats, method: str, ridge: float, center: bool,
+                 sink_weight: float = 0.0) -> np.ndarray | None:
+    """L of the whitening (L L^T = the input covariance + ridge; a diagonal scale for DIAG).
+
+    ``sink_weight`` > 0 adds the calibration chunks' first-position inputs (``stats.first``) with
+    that many times the total weight of all the others: where attention sinks form, the first
+    cell draws most of every query's attention, so its K and V must survive the factorization
+    even though it is one input in hundreds (for a cache without exact sink cells)."""
     if method == SVD:
         return None
     if method == DIAG:
@@ -101,6 +112,10 @@ def input_factor(stats: LayerStats, method: str, ridge: float, center: bool) -> 
     if method == WHITEN:
         c = stats.covariance(centered=center)
         n = c.shape[0]
+        if sink_weight > 0 and stats.first is not None and len(stats.first):
+            f = np.asarray(stats.first, dtype=np.float64)
+            sinks = f.T @ f / len(f)
+            c += (sink_weight * float(np.trace(c)) / max(float(np.trace(sinks)), 1e-300)) * sinks
         c[np.diag_indices(n)] += ridge * float(np.trace(c)) / n + 1e-12  # in place: c is n x n float64
         return np.linalg.cholesky(c)
     raise LorcError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -140,7 +155,7 @@ def _centered(stats: LayerStats, opts: AwareOptions) -> bool:
 
 def layer_input_factor(stats: LayerStats, opts: AwareOptions) -> np.ndarray | None:
     """The input side L of a layer's transforms (its K and V share it)."""
-    return input_factor(stats, opts.method, opts.ridge, _centered(stats, opts))
+    return input_factor(stats, opts.method, opts.ridge, _centered(stats, opts), opts.sink_weight)
 
 
 def make_transform(stats: LayerStats | None, side: Side, opts: AwareOptions, *, wo: np.ndarray | None = None,

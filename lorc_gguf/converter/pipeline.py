@@ -81,6 +81,9 @@ class ConvertOptions:
     calibration_memory: float | None = None
     imatrix: str | Path | None = None  # llama.cpp importance matrix (GGUF or legacy .dat)
     ridge: float = aware.DEFAULT_RIDGE
+    # weight of the calibration chunks' first-position inputs in the whitening (aware.input_factor);
+    # None: aware.DEFAULT_SINK_WEIGHT when the file gets no exact sink cells, else 0
+    sink_weight: float | None = None
     center: bool = False
     out_weight: bool = False
     value_weight: float = 1.0
@@ -142,6 +145,8 @@ class ConvertOptions:
             raise LorcError(f"calibration memory must be >= 0 GiB, got {self.calibration_memory!r}")
         if not (math.isfinite(self.ridge) and self.ridge >= 0.0):
             raise LorcError(f"ridge must be >= 0, got {self.ridge}")
+        if self.sink_weight is not None and not (math.isfinite(self.sink_weight) and self.sink_weight >= 0.0):
+            raise LorcError(f"sink weight must be >= 0, got {self.sink_weight}")
         if self.calibration_backend not in BACKENDS:
             raise LorcError(f"unknown calibration backend '{self.calibration_backend}' "
                             f"(choose from {', '.join(BACKENDS)})")
@@ -176,7 +181,7 @@ class ConvertOptions:
             if not self.data_free and (self.sink_tokens is None or self.recent_window is None):
                 notice(f"{shape.architecture} uses sliding-window attention: the file gets the plain latent cache "
                        "(no exact sinks / window)")
-            return replace(self, sink_tokens=0, recent_window=0)
+            return replace(self, sink_tokens=0, recent_window=0)._with_sink_weight()
         if self.data_free:
             sink, window = 0, 0
         elif self.center:
@@ -184,12 +189,20 @@ class ConvertOptions:
         else:
             sink, window = keys.DEFAULT_SINK_TOKENS, keys.DEFAULT_RECENT_WINDOW
         return replace(self, sink_tokens=sink if self.sink_tokens is None else self.sink_tokens,
-                       recent_window=window if self.recent_window is None else self.recent_window)
+                       recent_window=window if self.recent_window is None else self.recent_window)._with_sink_weight()
+
+    def _with_sink_weight(self) -> ConvertOptions:
+        """The sink weight resolved once the exact cells are: the factorization carries the sinks
+        (whitened methods only) where no exact sink cells will."""
+        if self.sink_weight is not None:
+            return self
+        carry = self.method == aware.WHITEN and not self.sink_tokens
+        return replace(self, sink_weight=aware.DEFAULT_SINK_WEIGHT if carry else 0.0)
 
     @property
     def aware(self) -> aware.AwareOptions:
         return aware.AwareOptions(method=self.method or aware.SVD, ridge=self.ridge, center=self.center,
-                                  out_weight=self.out_weight)
+                                  out_weight=self.out_weight, sink_weight=self.sink_weight or 0.0)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -490,7 +503,8 @@ def _add_aware_report(report: dict[str, Any], opts: ConvertOptions, stats: Calib
                              "domains": stats.meta.get("domains"), "backend": stats.meta.get("backend"),
                              "imatrix": None if opts.imatrix is None else str(opts.imatrix),
                              "n_tokens": stats.n_tokens, "ridge": opts.ridge, "center": opts.center,
-                             "out_weight": opts.out_weight}
+                             "out_weight": opts.out_weight, "sink_weight": opts.sink_weight,
+                             "first_positions": min((0 if s.first is None else len(s.first)) for s in stats.layers)}
     for row in report["layers"]:
         for side, x in ((Side.KEY, "k"), (Side.VALUE, "v")):
             row[f"out_error_{x}"] = weighting.output_errors.get((side, row["layer"]), 0.0)

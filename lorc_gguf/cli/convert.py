@@ -124,7 +124,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                          data_free=args.data_free, method=args.method, calibration=args.calibration,
                          calib_tokens=args.calib_tokens, calibration_backend=args.calibration_backend,
                          calibration_memory=args.calibration_memory,
-                         imatrix=args.imatrix, ridge=args.ridge, sink_weight=args.sink_weight, center=args.center, out_weight=args.out_weight,
+                         imatrix=args.imatrix, ridge=args.ridge, sink_weight=args.sink_weight, center=args.center,
+                         out_weight=args.out_weight,
                          sink_tokens=args.sink_tokens, recent_window=args.recent_window,
                          decode_top_k=args.decode_top_k,
                          log=lambda msg: print(f"notice: {msg}", file=sys.stderr))

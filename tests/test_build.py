@@ -48,3 +48,22 @@ def test_both_series_feed_the_cache_key() -> None:
     key = build.cache_key((runtime, bindings), options)
     assert build.cache_key((runtime, build.Series(bindings.directory, bindings.patches[:-1], ".")), options) != key
     assert build.cache_key((build.Series(runtime.directory, runtime.patches[:-1]), bindings), options) != key
+
+
+def test_tool_targets_exist_without_the_server() -> None:
+    """Every program ``build_tools`` asks CMake for is defined by a tools/ folder that the pinned
+    tree adds without LLAMA_BUILD_SERVER (which the runtime's flags turn off): llama-cli is not,
+    and asking for it failed the whole tools build ("No rule to make target 'llama-cli'")."""
+    import re
+
+    from lorc_gguf.runtime import build, sdist
+    tools = sdist.vendored_llama_cpp(log=lambda *_: None) / "tools"
+    listing = (tools / "CMakeLists.txt").read_text()
+    server_only = re.search(r"if \(LLAMA_BUILD_SERVER\)(.*?)endif\(\)", listing, re.S)
+    assert server_only is not None
+    hidden = set(re.findall(r"add_subdirectory\((\S+)\)", server_only.group(1)))
+    added = set(re.findall(r"add_subdirectory\((\S+)\)", listing)) - hidden
+    defined = {name: folder for folder in added
+               for name in re.findall(r"set\(TARGET (\S+)\)", (tools / folder / "CMakeLists.txt").read_text())}
+    assert "llama-cli" not in defined and hidden >= {"cli", "server"}
+    assert set(build.TOOL_TARGETS) <= set(defined), set(build.TOOL_TARGETS) - set(defined)

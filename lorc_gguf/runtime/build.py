@@ -27,7 +27,9 @@ from . import sdist
 BASE_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                    "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
 SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "metal": "-DGGML_METAL=ON"}
-TOOL_TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix", "llama-cli")
+# llama-cli and llama-server are built only with LLAMA_BUILD_SERVER (the server library they share);
+# llama-completion is the command-line generator without it
+TOOL_TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix", "llama-completion")
 # Compiler flags that switch AMX off under -march=native (GCC and Clang let an explicit -mno-* win
 # over the ISA set -march implies, whatever the order on the command line).
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import numpy as np
 from ..errors import LorcError
 from ..format.read import SourceModel
 from ..runtime.library import free_context, silence_llama_logs
-from .statistics import STATS_MEMORY_BYTES, CalibrationStats, LayerStats, Progress, accumulator_bytes
+from .statistics import CalibrationStats, LayerSums, Progress, second_file, spill_folder, spills
 
 # the graph node whose output every K/V projection reads: llama.cpp names it cb(cur, "attn_norm", il)
 # in the llama, qwen2 and gemma3 graphs (the norm with its gain applied)
@@ -44,44 +43,8 @@ class _Ggml:
         return view
 
 
-# Sums of x x^T are made in float32 over at most this many rows at a time and added up in float64:
-# a block's float32 sum has a relative error of about 1e-7 * sqrt(rows), far below the float32
-# the means are stored in, and float32 GEMM runs twice as fast as float64 on the CPU
+# x x^T of the runtime's inputs in float32 blocks of this many rows (see LayerSums)
 BLOCK_ROWS = 512
-class _Sums:
-    """Float64 sums of one layer's inputs: x, x^2 and (``full``) x x^T."""
-
-    def __init__(self, n_embd: int, full: bool) -> None:
-        self.n = 0
-        self.s1, self.s2 = np.zeros(n_embd), np.zeros(n_embd)
-        self.xx = np.zeros((n_embd, n_embd)) if full else None
-        self.firsts: list[np.ndarray] = []
-
-    def add_chunk(self, x: np.ndarray) -> None:
-        """One calibration chunk's inputs, in position order."""
-        self.add(x)
-        self.firsts.append(np.array(x[:1], dtype=np.float32))
-
-    def add(self, x: np.ndarray) -> None:
-        for i in range(0, len(x), BLOCK_ROWS):
-            b = np.asarray(x[i:i + BLOCK_ROWS], dtype=np.float32)
-            b64 = b.astype(np.float64)
-            self.s1 += b64.sum(0)
-            self.s2 += np.square(b64).sum(0)
-            if self.xx is not None:
-                self.xx += b.T @ b
-            self.n += len(b)
-
-    def stats(self, second_out: np.ndarray | None = None) -> LayerStats:
-        n = max(self.n, 1)
-        second = None
-        if self.xx is not None:
-            second = (self.xx / n).astype(np.float32)
-            if second_out is not None:
-                second_out[...] = second
-                second = second_out
-        first = np.concatenate(self.firsts) if self.firsts else None
-        return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second, first=first)
 
 
 class RuntimeStats:
@@ -94,7 +57,7 @@ class RuntimeStats:
 
     ``spill_dir``: the inputs of every chunk go to files there (one per layer), and ``finish`` reduces them one
     layer at a time, its E[x x^T] into a second file (memory-mapped): for models whose
-    accumulators do not fit in memory (``STATS_MEMORY_BYTES``). Without it one chunk's inputs
+    accumulators do not fit in memory (``statistics.spills``). Without it one chunk's inputs
     are held and added to every layer's float64 sums."""
 
     def __init__(self, path: Path, n_layer: int, n_embd: int, n_ctx: int, full: bool = True,
@@ -109,7 +72,7 @@ class RuntimeStats:
         self._before = self.rows.copy()
         self._offset = 0  # where this chunk's rows start in the spilled inputs
         if spill_dir is None:
-            self.sums: list[_Sums] | None = [_Sums(n_embd, full) for _ in range(n_layer)]
+            self.sums: list[LayerSums] | None = [self._sums() for _ in range(n_layer)]
             self.acts = np.empty((n_layer, n_ctx, n_embd), dtype=np.float32)
         else:
             self.sums = None
@@ -178,7 +141,7 @@ class RuntimeStats:
             raise LorcError(f"llama_decode failed ({rc}) during calibration")
         if self.sums is not None:
             for il, s in enumerate(self.sums):
-                s.add_chunk(self.acts[il][:self.rows[il] - before[il]])
+                self._add_chunk(s, self.acts[il][:self.rows[il] - before[il]])
         else:
             self._offset += len(chunk)
 
@@ -190,25 +153,31 @@ class RuntimeStats:
         layers = []
         if self.sums is not None:
             for il in range(self.n_layer):  # each float64 accumulator goes as its float32 mean is made
-                layers.append(self.sums[il].stats())
+                layers.append(self.sums[il].finish())
                 self.sums[il] = None  # type: ignore[call-overload]
             return CalibrationStats(layers=layers, n_tokens=n_tokens, source="calibration")
         assert self.spill_dir is not None
         self.close()  # the forward is done: its buffers go before the reduction
-        second = None
-        if self.full:
-            second = np.lib.format.open_memmap(self.spill_dir / "second.npy", mode="w+", dtype=np.float32,
-                                               shape=(self.n_layer, self.n_embd, self.n_embd))
+        second = second_file(self.spill_dir, self.n_layer, self.n_embd) if self.full else None
         for il in range(self.n_layer):
-            s = _Sums(self.n_embd, self.full)
+            s = self._sums()
             for i in range(0, n_tokens, self.n_ctx):  # chunk by chunk, as in memory: the same sums
-                s.add_chunk(self.acts[il][i:i + self.n_ctx])
-            layers.append(s.stats(None if second is None else second[il]))
+                self._add_chunk(s, self.acts[il][i:i + self.n_ctx])
+            layers.append(s.finish(None if second is None else second[il]))
             self.acts[il] = None  # type: ignore[call-overload]
             self._inputs_path(il).unlink()
             if progress is not None:
                 progress(il + 1, self.n_layer)
         return CalibrationStats(layers=layers, n_tokens=n_tokens, source="calibration")
+
+    def _sums(self) -> LayerSums:
+        return LayerSums(self.n_embd, self.full, block_rows=BLOCK_ROWS)
+
+    @staticmethod
+    def _add_chunk(sums: LayerSums, x: np.ndarray) -> None:
+        """One calibration chunk's inputs, in position order."""
+        sums.add(x)
+        sums.add_first(x[0])
 
     def _inputs_path(self, il: int) -> Path:
         assert self.spill_dir is not None
@@ -230,14 +199,13 @@ def collect_stats_runtime(model: SourceModel, chunks: np.ndarray, *, full: bool 
                           progress: Progress | None = None, threads: int | None = None,
                           spill_dir: str | Path | None = None, memory_bytes: int | None = None) -> CalibrationStats:
     """``collect_stats`` through the runtime (``RuntimeStats``); no query statistics (q_pair).
-    When every layer's float64 accumulators would exceed ``memory_bytes`` (``STATS_MEMORY_BYTES``),
+    When every layer's float64 accumulators would exceed ``memory_bytes`` (``statistics.spills``),
     the inputs spill to a temporary folder in ``spill_dir`` (the system's temporary folder by
     default; the converter passes the output's folder) and the returned statistics' second
     moments are memory-mapped from a file there, removed with the statistics."""
     sh = model.shape
-    budget = STATS_MEMORY_BYTES if memory_bytes is None else memory_bytes
-    spill = full and accumulator_bytes(sh.n_layer, sh.n_embd) > budget
-    files = tempfile.TemporaryDirectory(prefix=".lorc-calibration-", dir=spill_dir) if spill else None
+    spill = full and spills(sh.n_layer, sh.n_embd, memory_bytes)
+    files = spill_folder(spill_dir) if spill else None
     n_chunks = len(chunks)
     steps = n_chunks + (sh.n_layer if spill else 0)
     try:

@@ -42,6 +42,23 @@ def accumulator_bytes(n_layer: int, n_embd: int) -> int:
     return 8 * n_layer * n_embd * n_embd
 
 
+def spills(n_layer: int, n_embd: int, memory_bytes: int | None = None) -> bool:
+    """Whether every layer's E[x x^T] goes to disk: its float64 accumulators would exceed
+    ``memory_bytes`` (``STATS_MEMORY_BYTES`` by default)."""
+    return accumulator_bytes(n_layer, n_embd) > (STATS_MEMORY_BYTES if memory_bytes is None else memory_bytes)
+
+
+def spill_folder(spill_dir: str | Path | None) -> tempfile.TemporaryDirectory:
+    """A temporary folder for spilled statistics in ``spill_dir`` (the system's by default)."""
+    return tempfile.TemporaryDirectory(prefix=".lorc-calibration-", dir=spill_dir)
+
+
+def second_file(folder: str | Path, n_layer: int, n_embd: int) -> np.ndarray:
+    """Every layer's E[x x^T], float32, memory-mapped from a new file in ``folder``."""
+    return np.lib.format.open_memmap(Path(folder) / "second.npy", mode="w+", dtype=np.float32,
+                                     shape=(n_layer, n_embd, n_embd))
+
+
 @dataclass
 class LayerStats:
     """Input statistics of one layer's K/V projections (float64 unless noted)."""
@@ -79,33 +96,57 @@ class CalibrationStats:
         return all(s.second is not None for s in self.layers)
 
 
-class _Accumulator:
-    def __init__(self, n_embd: int, full: bool, q_stats: bool) -> None:
+class LayerSums:
+    """Float64 sums of one layer's K/V inputs (x, x^2 and, ``full``, x x^T), each calibration
+    chunk's first input, and (numpy forward) the query energies; ``finish`` makes the means.
+
+    ``block_rows``: x x^T is made in float32 over at most this many rows at a time and the blocks
+    are added up in float64 (the runtime backend: a block's float32 sum has a relative error of
+    about 1e-7 * sqrt(rows), far below the float32 the means are stored in, and float32 GEMM runs
+    twice as fast); None: in float64 over everything ``add`` is given (the numpy forward, the
+    reference)."""
+
+    def __init__(self, n_embd: int, full: bool, block_rows: int | None = None) -> None:
         self.n = 0
         self.s1 = np.zeros(n_embd)
         self.s2 = np.zeros(n_embd)
-        self.full = np.zeros((n_embd, n_embd)) if full else None
-        self.q = None
-        self.q_stats = q_stats
+        self.xx = np.zeros((n_embd, n_embd)) if full else None
+        self.block_rows = block_rows
+        self.q: np.ndarray | None = None
         self.firsts: list[np.ndarray] = []
 
     def add(self, x: np.ndarray) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        self.n += x2.shape[0]
-        self.s1 += x2.sum(0)
-        self.s2 += np.square(x2).sum(0)
-        if self.full is not None:
-            self.full += x2.T @ x2
+        x = x.reshape(-1, x.shape[-1])
+        step = self.block_rows or max(len(x), 1)
+        for i in range(0, len(x), step):
+            b = x[i:i + step]
+            b64 = b.astype(np.float64)
+            self.s1 += b64.sum(0)
+            self.s2 += np.square(b64).sum(0)
+            if self.xx is not None:
+                if self.block_rows:
+                    b32 = np.asarray(b, dtype=np.float32)
+                    self.xx += b32.T @ b32
+                else:
+                    self.xx += b64.T @ b64
+            self.n += len(b)
 
     def add_first(self, x0: np.ndarray) -> None:
+        """First-position inputs, (chunks, n_embd) or one (n_embd,)."""
         self.firsts.append(np.asarray(x0, dtype=np.float32).reshape(-1, x0.shape[-1]))
 
-    def add_q(self, q_pair_energy: np.ndarray, n: int) -> None:
+    def add_q(self, q_pair_energy: np.ndarray) -> None:
         self.q = q_pair_energy if self.q is None else self.q + q_pair_energy
 
-    def finish(self) -> LayerStats:
+    def finish(self, second_out: np.ndarray | None = None) -> LayerStats:
+        """The means; E[x x^T] written into ``second_out`` (a memory-mapped slot) when given."""
         n = max(self.n, 1)
-        second = None if self.full is None else (self.full / n).astype(np.float32)
+        second = None
+        if self.xx is not None:
+            second = (self.xx / n).astype(np.float32)
+            if second_out is not None:
+                second_out[...] = second
+                second = second_out
         q = None if self.q is None else self.q / n
         first = np.concatenate(self.firsts) if self.firsts else None
         return LayerStats(count=self.n, mean=self.s1 / n, mean_sq=self.s2 / n, second=second, q_pair=q, first=first)
@@ -116,7 +157,7 @@ def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
     """Run the forward over ``chunks`` and record every layer's K/V input statistics."""
     fwd = numpy_forward(model)
     sh = model.shape
-    accs = [_Accumulator(sh.n_embd, full, True) for _ in range(sh.n_layer)]
+    accs = [LayerSums(sh.n_embd, full) for _ in range(sh.n_layer)]
 
     def on_layer(il: int, w: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
         accs[il].add(x)
@@ -132,7 +173,7 @@ def collect_stats(model: SourceModel, chunks: np.ndarray, *, full: bool = True,
         e = np.square(q.astype(np.float64)).sum(-1).sum(0) / 2.0  # (n_head, hk/2) summed over tokens
         nkv = w.wk.shape[0] // hk
         e = e.reshape(nkv, sh.n_head // nkv, hk // 2).sum(1).reshape(-1)  # (nkv * hk/2,)
-        accs[il].add_q(e, B * T)
+        accs[il].add_q(e)
 
     n_layer = sh.n_layer
     steps = iter(range(1, n_layer + 1))
@@ -159,24 +200,19 @@ def save_stats(stats: CalibrationStats, path: str | Path) -> None:
 
 def load_stats(path: str | Path, spill_dir: str | Path | None = None,
                memory_bytes: int | None = None) -> CalibrationStats:
-    """Statistics cached by ``save_stats``. Second moments larger than ``memory_bytes`` in all
-    (float32; ``STATS_MEMORY_BYTES / 2`` by default) are copied one layer at a time
+    """Statistics cached by ``save_stats``. Second moments that ``spills`` (the same rule as the
+    runtime backend's, ``memory_bytes`` of float64 accumulators) are copied one layer at a time
     into a memory-mapped file in a temporary folder in ``spill_dir``, as the runtime backend
     leaves them, instead of into memory."""
-    budget = STATS_MEMORY_BYTES // 2 if memory_bytes is None else memory_bytes
     with np.load(path) as z:
         n_layer = int(z["n_layer"])
-        seconds = [f"{il}.second" for il in range(n_layer) if f"{il}.second" in z.files]
+        get = (lambda k: z[k] if k in z.files else None)
         files = second = None
-        if seconds:
-            n_embd = len(z["0.mean_sq"])
-            if 4 * len(seconds) * n_embd * n_embd > budget:
-                files = tempfile.TemporaryDirectory(prefix=".lorc-calibration-", dir=spill_dir)
-                second = np.lib.format.open_memmap(Path(files.name) / "second.npy", mode="w+", dtype=np.float32,
-                                                   shape=(n_layer, n_embd, n_embd))
+        if "0.second" in z.files and spills(n_layer, len(z["0.mean_sq"]), memory_bytes):
+            files = spill_folder(spill_dir)
+            second = second_file(files.name, n_layer, len(z["0.mean_sq"]))
         layers = []
         for il in range(n_layer):
-            get = (lambda k: z[k] if k in z.files else None)
             sec = get(f"{il}.second")
             if sec is not None and second is not None:
                 second[il] = sec

@@ -450,8 +450,7 @@ def _statistics(model: SourceModel, opts: ConvertOptions, notice: Log, spill_dir
     if isinstance(cal, CalibrationStats):
         stats = cal
     elif str(cal).endswith(".npz"):
-        stats = calibration.load_stats(cal, spill_dir=spill_dir,
-                                       memory_bytes=None if memory is None else memory // 2)
+        stats = calibration.load_stats(cal, spill_dir=spill_dir, memory_bytes=memory)
     else:
         text, domains, what = _calibration_source(str(cal))
         with tqdm(desc="calibration", disable=not opts.progress, leave=False) as bar:

@@ -194,6 +194,33 @@ def test_context_shift_keeps_sinks_and_window(models):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_cutting_back_past_the_window_is_refused(models):
+    # The exact store overwrites the window's older cells as the window moves on (a 16-token ubatch
+    # keeps it at 64 cells here). Cutting a sequence back to a prefix whose window is gone would
+    # leave its next tokens reading latent cells where a fresh run reads exact ones, so the removal
+    # is refused and removes nothing (llama-server and llama_cpp.Llama then process the prompt
+    # again); a cut that keeps the window is exact
+    tokens = prompt(150, seed=8)
+    small = SessionParams(n_ctx=256, n_batch=16, n_ubatch=16, n_seq_max=2, **F32)
+    with Session(models["hybrid"], small) as s:
+        s.decode_seq(tokens, logits=False)
+        assert not s.seq_rm(0, 40, -1)          # the window of position 40 was [25, 40): overwritten
+        assert s.seq_pos_max(0) == 149          # nothing removed
+        assert s.seq_rm(0, 140, -1)             # the window of 140, [125, 140), is still held
+        np.testing.assert_allclose(s.decode_seq(tokens[140:141], pos0=140), run_last(models["hybrid"], tokens[:141]),
+                                   atol=1e-4)
+        assert s.seq_rm(0, -1, -1) and s.seq_pos_max(0) == -1  # whole sequences always go
+        s.decode_seq(tokens, logits=False)
+        s.seq_cp(0, 1)
+        assert not s.seq_rm(-1, 40, -1)         # every sequence is checked
+        assert s.seq_pos_max(1) == 149
+
+
+def run_last(path: Path, tokens: list[int]) -> np.ndarray:
+    """The last token's logits of a fresh run over tokens, [1, n_vocab]"""
+    return run(path, tokens, **F32)[-1:]
+
+
 def test_state_bytes_count_latent_rows_plus_the_exact_cells(models):
     tokens = prompt(100, seed=7)
     d_kv = 2 * 64

@@ -143,3 +143,57 @@ def test_llama_keyword_arguments_set_the_runtime(models):
     _, wide_session = decode_steps(models["hybrid-top-k"], 0, tokens, lorc_recent_window=256)
     np.testing.assert_allclose(wide, wide_session, atol=1e-5)
     assert np.abs(wide - every_key).max() > 0.05
+
+
+# --- several sequences decoding together (a server's parallel slots) --------------------------------
+
+LENGTHS = (PREFILL, PREFILL - 7, PREFILL - 15)  # prompts of different lengths: different positions per sequence
+
+
+def parallel_steps(path: Path, k: int | None, prompts: list[list[int]], unified: bool, **settings) -> np.ndarray:
+    """Each sequence's prompt decoded on its own, then STEPS batches of one token per sequence;
+    returns [STEPS, n_seq, n_vocab]. Unified: one cache shared by every sequence (llama-server's
+    default); else one stream per sequence, each of 512 cells as in decode_steps."""
+    n = len(prompts)
+    params = SessionParams(n_ctx=512 * n, n_seq_max=n, kv_unified=unified, cache_type_k="f32", cache_type_v="f32",
+                           lorc_top_k=k or 0, **settings)
+    with Session(path, params) as s:
+        for seq, (tokens, length) in enumerate(zip(prompts, LENGTHS)):
+            s.decode_seq(tokens[:length], seq_id=seq, logits=False)
+        return np.stack([s.decode([(tokens[length + j], length + j, seq)
+                                   for seq, (tokens, length) in enumerate(zip(prompts, LENGTHS))])
+                         for j in range(STEPS)])
+
+
+def alone_steps(path: Path, k: int | None, prompts: list[list[int]], **settings) -> np.ndarray:
+    """The same decoding, each sequence alone in a context of its own: [STEPS, n_seq, n_vocab]"""
+    rows = []
+    for tokens, length in zip(prompts, LENGTHS):
+        params = SessionParams(n_ctx=512, cache_type_k="f32", cache_type_v="f32", lorc_top_k=k or 0, **settings)
+        with Session(path, params) as s:
+            s.decode_seq(tokens[:length], logits=False)
+            rows.append(np.stack([s.decode_seq([tokens[length + j]], pos0=length + j)[0] for j in range(STEPS)]))
+    return np.stack(rows, axis=1)
+
+
+@pytest.mark.parametrize("unified,flash_attn", [(False, False), (True, False), (True, True)],
+                         ids=["streams", "unified", "unified-fa"])
+@pytest.mark.parametrize("name", ["plain", "hybrid"])
+def test_each_sequence_of_a_batch_selects_its_own_cells(models, name, unified, flash_attn):
+    # A batch of one decoded token per sequence selects per token: with a small k each sequence's
+    # logits are those of the same sequence decoded alone with that k (not the full rebuild's), and
+    # with k at least the visible cells they are the full path's. f32 weights and cache; the batch
+    # differs from the lone runs only in summation order (measured max 3.5e-6 on logits of size ~5,
+    # as the full rebuild's batch against its lone runs); a cell of another sequence selected or a
+    # wrong position moves them by > 0.05 (the runtime that rebuilt every key in such batches failed
+    # the first assert by > 5). Flash attention: the masks are f16
+    prompts = [prompt(10 + i) for i in range(len(LENGTHS))]
+    few_alone = alone_steps(models[name], FEW, prompts, flash_attn=flash_attn)
+    few = parallel_steps(models[name], FEW, prompts, unified, flash_attn=flash_attn)
+    np.testing.assert_allclose(few, few_alone, atol=1e-4)
+    full = parallel_steps(models[name], None, prompts, unified, flash_attn=flash_attn)
+    every_visible = parallel_steps(models[name], ALL_VISIBLE, prompts, unified, flash_attn=flash_attn)
+    # flash attention's full path takes the rebuilt keys as f16 (its kernel's K type): 0.01 from the
+    # selected path's f32 keys, measured; the f32 paths agree to summation order
+    np.testing.assert_allclose(every_visible, full, atol=0.05 if flash_attn else 1e-4)
+    assert np.abs(few - full).max() > 0.05

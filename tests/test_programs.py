@@ -146,3 +146,25 @@ def test_a_lorc_model_split_over_two_rpc_servers(bin_dir, models, tmp_path):
     with served(bin_dir, models["lorc"], "-np", "1") as server:
         local = answer_all(server, load_requests(8))
     assert remote == local
+
+
+def test_llama_cpp_python_server_serves_a_lorc_file(models):
+    # python -m llama_cpp.server (the bindings' own server, its `server` extra) loads the file with
+    # its run-time defaults (exact window, k) and answers as llama_cpp.Llama does in this process
+    # with the same context settings
+    pytest.importorskip("uvicorn")
+    import llama_cpp
+
+    settings = ["--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2"]
+    with programs.llama_cpp_python_server(models["lorc"], settings) as server:
+        served_answers = answer_all(server, load_requests(4))
+    llm = llama_cpp.Llama(model_path=str(models["lorc"]), n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
+    try:
+        # the server's requests default to repeat_penalty 1.1, create_chat_completion to 1.0
+        local = [llm.create_chat_completion(messages=[{"role": "user", "content": m}], max_tokens=n,
+                                            temperature=0.0, repeat_penalty=1.1)["choices"][0]["message"]["content"]
+                 for m, n in load_requests(4)]
+    finally:
+        llm.close()
+    assert all(finish == "length" for _, finish, _ in served_answers)
+    assert [a[0] for a in served_answers] == local

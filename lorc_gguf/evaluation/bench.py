@@ -92,7 +92,10 @@ def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[
     decode_tokens(session, tokens)
     t1 = time.perf_counter()
     depth = n_ctx - n_decode
-    session.seq_rm(0, depth, -1)
+    if not session.seq_rm(0, depth, -1):
+        # an exact window refuses a cut past its overwritten cells (more than n_ubatch tokens back)
+        raise LorcError(f"the cache refused to cut the prompt back to {depth} tokens: decode fewer than "
+                        f"{n_decode} tokens or raise n_ubatch")
     t2 = time.perf_counter()
     for i in range(n_decode):
         decode_tokens(session, [tokens[depth + i]], depth + i)

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -23,9 +24,14 @@ from typing import Iterator, Sequence
 from . import build
 
 
-def programs_dir(log=print) -> Path:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def programs_dir(log=_stderr) -> Path:
     """The bin folder of llama.cpp's programs built from the patched tree with this machine's
-    options (built on first use, several minutes; cached by the same key as the wheel)."""
+    options (built on first use, several minutes; cached by the same key as the wheel). Progress
+    goes to stderr, so that a shell can take the folder from stdout."""
     return build.build_tools(build.native_options(log), build.TOOL_TARGETS, log)
 
 
@@ -87,6 +93,17 @@ class Running:
             return json.loads(r.read())
 
 
+def _answers(port: int, path: str):
+    """A readiness check: whether GET path on 127.0.0.1:port answers 200."""
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+    return ready
+
+
 @contextmanager
 def _started(cmd: list[str], name: str, ready, timeout: float, log_dir: Path | None) -> Iterator[tuple[subprocess.Popen, Path]]:
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="lorc-programs-"))
@@ -115,14 +132,7 @@ def llama_server(model: str | os.PathLike, args: Sequence[str] = (), bin_dir: Pa
     port = free_port()
     cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
 
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
-
-    with _started(cmd, "llama-server", ready, timeout, log_dir) as (proc, log):
+    with _started(cmd, "llama-server", _answers(port, "/health"), timeout, log_dir) as (proc, log):
         yield Running("127.0.0.1", port, proc, log)
 
 
@@ -143,4 +153,17 @@ def rpc_server(threads: int = 1, bin_dir: Path | None = None, timeout: float = 3
             return False
 
     with _started(cmd, "ggml-rpc-server", ready, timeout, log_dir) as (proc, log):
+        yield Running("127.0.0.1", port, proc, log)
+
+
+@contextmanager
+def llama_cpp_python_server(model: str | os.PathLike, args: Sequence[str] = (), timeout: float = 120.0,
+                            log_dir: Path | None = None) -> Iterator[Running]:
+    """llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``, its
+    ``server`` extra) over the patched bindings, on 127.0.0.1 and a free port."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), *args]
+
+    with _started(cmd, "llama_cpp.server", _answers(port, "/v1/models"), timeout, log_dir) as (proc, log):
         yield Running("127.0.0.1", port, proc, log)

@@ -22,13 +22,17 @@ def load_requests(n: int = 64, seed: int = 0) -> list[tuple[str, int]]:
             for i in range(n)]
 
 
-def chat(server: Running, message: str, max_tokens: int) -> tuple[str, str, int]:
-    """One greedy chat completion through the official ``openai`` client: (text, finish reason,
-    completion tokens)."""
+def client(server: Running):
+    """The official ``openai`` client for the server's /v1 (thread-safe, one per run of requests)."""
     import openai
 
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
-    r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": message}],
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+
+def chat(api, message: str, max_tokens: int) -> tuple[str, str, int]:
+    """One greedy chat completion through ``client(server)``: (text, finish reason, completion
+    tokens)."""
+    r = api.chat.completions.create(model="any", messages=[{"role": "user", "content": message}],
                                        max_tokens=max_tokens, temperature=0.0)
     return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
@@ -36,10 +40,11 @@ def chat(server: Running, message: str, max_tokens: int) -> tuple[str, str, int]
 def answer_all(server: Running, requests: Sequence[tuple[str, int]], clients: int = 0) -> list[tuple[str, str, int]]:
     """Every request's answer; ``clients`` > 0 sends them from that many concurrent clients, 0 one
     at a time."""
+    api = client(server)
     if clients <= 0:
-        return [chat(server, m, n) for m, n in requests]
+        return [chat(api, m, n) for m, n in requests]
     with ThreadPoolExecutor(clients) as pool:
-        return list(pool.map(lambda r: chat(server, *r), requests))
+        return list(pool.map(lambda r: chat(api, *r), requests))
 
 
 def slots_at_context(server: Running, prompts: Sequence[Sequence[int]], n_predict: int) -> dict[str, Any]:

@@ -51,6 +51,16 @@ class ModelShape:
     rope_neox: bool = False
     # sliding-window attention (llama.cpp's iswa cache): the window in tokens, 0 when every layer is global
     sliding_window: int = 0
+    # per layer: whether it attends only the last ``sliding_window`` positions (empty: none does)
+    swa_layers: tuple[bool, ...] = ()
+
+    def is_swa(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        """The layers whose cache grows with the context (every layer without sliding windows)."""
+        return tuple(il for il in range(self.n_layer) if not self.is_swa(il))
 
     def width(self, side: Side, layer: int) -> int:
         """Cache width of one layer's K or V (ggml's ``n_embd_k_gqa(il)`` / ``n_embd_v_gqa(il)``)."""
@@ -71,6 +81,9 @@ class Architecture:
     # an RMS norm on every key head before RoPE: the runtime's latent-space score for selective
     # reconstruction (lorc.decode_top_k) cannot include it, so top-k has no effect there
     key_norm: ClassVar[bool] = False
+    # sliding-window models: every n-th layer is global when the file has no
+    # ``{arch}.attention.sliding_window_pattern`` (llama.cpp's load_swa_pattern default)
+    swa_period: ClassVar[int] = 0
 
     def shape(self, meta: Metadata) -> ModelShape:
         n_layer = self._required(meta, gguf.Keys.LLM.BLOCK_COUNT)
@@ -85,11 +98,25 @@ class Architecture:
         default_head_dim = n_embd // n_head[0]
         head_dim_k = meta.get(gguf.Keys.Attention.KEY_LENGTH.format(arch=self.name)) or default_head_dim
         head_dim_v = meta.get(gguf.Keys.Attention.VALUE_LENGTH.format(arch=self.name)) or default_head_dim
-        sliding_window = meta.get(gguf.Keys.Attention.SLIDING_WINDOW.format(arch=self.name)) or 0
+        sliding_window = int(meta.get(gguf.Keys.Attention.SLIDING_WINDOW.format(arch=self.name)) or 0)
+        swa_layers = self._swa_layers(meta, int(n_layer)) if sliding_window > 0 else ()
         return ModelShape(architecture=self.name, n_layer=int(n_layer), n_embd=int(n_embd),
                           n_head=int(n_head[0]), n_head_kv=tuple(int(h) for h in n_head_kv),
                           head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v), rope_neox=self.rope_neox,
-                          sliding_window=int(sliding_window))
+                          sliding_window=sliding_window if swa_layers else 0, swa_layers=swa_layers)
+
+    def _swa_layers(self, meta: Metadata, n_layer: int) -> tuple[bool, ...]:
+        """llama.cpp's ``hparams.is_swa(il)``: the file's pattern (a per-layer array, or a period n
+        whose every n-th layer is global, 0 meaning none is), else the architecture's period."""
+        pattern = meta.get(f"{self.name}.attention.sliding_window_pattern")
+        if isinstance(pattern, (list, tuple)):
+            if len(pattern) != n_layer:
+                raise LorcError(f"{self.name}: sliding_window_pattern has {len(pattern)} entries, expected {n_layer}")
+            return tuple(bool(p) for p in pattern)
+        if pattern is None and self.swa_period == 0:
+            return ()  # the runtime reads no window for this architecture
+        n = int(pattern if pattern is not None else self.swa_period)
+        return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
     def weight_name(self, side: Side, layer: int) -> str:
         """The dense projection that LoRC factorizes, as stored in the GGUF (n_embd -> width)."""
@@ -158,6 +185,7 @@ class Gemma3(Architecture):
     rope_neox = True
     forward = "Gemma3Forward"
     key_norm = True
+    swa_period = 6  # llama_model_gemma3: load_swa_pattern(ml, 6)
 
 
 def registered() -> tuple[str, ...]:

@@ -254,14 +254,7 @@ class Gemma3Forward(LlamaForward):
         arch = sh.architecture
         self.rope_base_swa = float(meta.get(f"{arch}.rope.freq_base_swa") or 10000.0)  # llama_hparams default
         self.softcap = float(meta.get(f"{arch}.final_logit_softcapping") or 0.0)
-        pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
-        if sh.sliding_window <= 0:
-            self.is_swa = [False] * sh.n_layer
-        elif isinstance(pattern, (list, tuple)):
-            self.is_swa = [bool(p) for p in pattern]
-        else:
-            n = int(pattern if pattern is not None else 6)  # llama_model_gemma3: load_swa_pattern(ml, 6)
-            self.is_swa = [n == 0 or il % n < n - 1 for il in range(sh.n_layer)]
+        self.is_swa = [sh.is_swa(il) for il in range(sh.n_layer)]
 
     def layer(self, il: int) -> LayerWeights:
         w = super().layer(il)

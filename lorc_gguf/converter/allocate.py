@@ -106,6 +106,12 @@ class Allocation:
     def side_fraction(self, side: Side) -> float:
         return sum(self.ranks(side)) / sum(self.widths(side))
 
+    def over(self, layers: Sequence[int]) -> Allocation:
+        """The same ranks on ``layers`` only (fractions of the layers a rule allocated)."""
+        pick = lambda values: tuple(values[il] for il in layers)  # noqa: E731
+        return Allocation(method=self.method, key_rank=pick(self.key_rank), value_rank=pick(self.value_rank),
+                          key_width=pick(self.key_width), value_width=pick(self.value_width))
+
 
 # --- ratios and budgets ------------------------------------------------------------------------
 

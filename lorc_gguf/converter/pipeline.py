@@ -169,19 +169,9 @@ class ConvertOptions:
         return bool(self.sink_tokens) or bool(self.recent_window)
 
     def for_model(self, shape: ModelShape, notice: Log) -> ConvertOptions:
-        """The exact sink/window sizes resolved for a model: given values are checked against
-        what its architecture allows, missing ones take the defaults."""
-        if shape.sliding_window > 0:
-            if self.exact_cells_requested:
-                # the runtime builds the exact store from llama.cpp's iswa pair of caches, which a
-                # sliding-window model already needs for its own local and global layers
-                raise LorcError(f"{shape.architecture} uses sliding-window attention (window {shape.sliding_window}): "
-                                "exact sinks / window (--sink-tokens/--recent-window) are not available for it; "
-                                "give both as 0")
-            if not self.data_free and (self.sink_tokens is None or self.recent_window is None):
-                notice(f"{shape.architecture} uses sliding-window attention: the file gets the plain latent cache "
-                       "(no exact sinks / window)")
-            return replace(self, sink_tokens=0, recent_window=0)._with_sink_weight()
+        """The exact sink/window sizes resolved for a model: missing ones take the defaults
+        (sliding-window models alike: the runtime keeps the exact cells of their global layers
+        beside the store of their sliding-window layers)."""
         if self.data_free:
             sink, window = 0, 0
         elif self.center:
@@ -219,29 +209,52 @@ def _check_paths(src: Path, dst: Path) -> None:
                         "*.safetensors); MODEL must be a GGUF file or such a folder")
 
 
+def factorized_layers(shape: ModelShape) -> tuple[int, ...]:
+    """The layers a rule allocates ranks to: with sliding windows, the global layers only. A
+    sliding-window layer's cache is bounded by its window, and its latent rows cost far more quality
+    than they save (Gemma-3-270M, README); its K/V stay dense unless ``--ranks`` says otherwise."""
+    return shape.global_layers or tuple(range(shape.n_layer))
+
+
 def _allocate(model: SourceModel, spectra: Spectra, options: ConvertOptions,
               weighting: _Weighting | None = None) -> Allocation:
     shape = model.shape
     kw, vw = shape.widths(Side.KEY), shape.widths(Side.VALUE)
-    grid = RankGrid(multiple=options.rank_multiple)
     if options.allocation == allocate.EXPLICIT:
         key, value = allocate.parse_ranks(options.ranks, shape.n_layer)
         return allocate.explicit(key, value, kw, vw)
+    # the rule runs on the layers it allocates (j = their index there); the others keep their width
+    layers = factorized_layers(shape)
+    pick = lambda values: tuple(values[il] for il in layers)  # noqa: E731
+    sub = _allocate_rule(model, spectra, options, weighting, layers, pick(kw), pick(vw))
+    key, value = list(kw), list(vw)
+    for j, il in enumerate(layers):
+        key[il], value[il] = sub.key_rank[j], sub.value_rank[j]
+    return Allocation(method=sub.method, key_rank=tuple(key), value_rank=tuple(value), key_width=kw, value_width=vw)
+
+
+def _allocate_rule(model: SourceModel, spectra: Spectra, options: ConvertOptions, weighting: _Weighting | None,
+                   layers: tuple[int, ...], kw: tuple[int, ...], vw: tuple[int, ...]) -> Allocation:
+    grid = RankGrid(multiple=options.rank_multiple)
     budget = dict(ratio=options.ratio, key_ratio=options.key_ratio, value_ratio=options.value_ratio, grid=grid)
     if options.allocation == allocate.UNIFORM:
         return allocate.uniform(kw, vw, **budget)
     calibrated_progressive = options.allocation == allocate.PROGRESSIVE and weighting is not None and weighting.active
     if options.allocation == aware.SENSITIVITY or calibrated_progressive:
         assert weighting is not None
+        index = {il: j for j, il in enumerate(layers)}
         curves, kappa = {}, {Side.KEY: [], Side.VALUE: []}
         for side, il, w in model.iter_weights():
+            if il not in index:
+                continue
             dec = weighting.decomposition(side, il, w)
-            curves[(side, il)] = dec.relative_errors()
+            curves[(side, index[il])] = dec.relative_errors()
             kappa[side].append(dec.condition())
         layer_weight = aware.progressive_weights(kappa, aware.PROGRESSIVE_STRENGTH) if calibrated_progressive else None
         return aware.sensitivity(curves, kw, vw, value_weight=options.value_weight, layer_weight=layer_weight,
                                  method=options.allocation, **budget)
-    return allocate.progressive(spectra.key_condition, spectra.value_condition, kw, vw, **budget)
+    return allocate.progressive([spectra.key_condition[il] for il in layers],
+                                [spectra.value_condition[il] for il in layers], kw, vw, **budget)
 
 
 class _Stages:
@@ -575,7 +588,13 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
             allocation = _allocate(model, spectra, opts, weighting)
             _check_factor_shapes(model, allocation, qtype)
             stages.done("allocate")
-        for msg in _ratio_notices(allocation, opts) + _top_k_notices(model.architecture, allocation, opts):
+        layers = factorized_layers(model.shape)
+        if len(layers) < model.shape.n_layer and opts.allocation != allocate.EXPLICIT:
+            notice(f"{model.shape.architecture} uses sliding-window attention: ranks go to its {len(layers)} global "
+                   f"layers (the ratio is theirs); its {model.shape.n_layer - len(layers)} sliding-window layers keep "
+                   "dense K/V, their cache bounded by the window")
+        for msg in (_ratio_notices(allocation.over(layers), opts)
+                    + _top_k_notices(model.architecture, allocation, opts)):
             notice(msg)
 
         errors: dict[tuple[Side, int], float] = {}

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import LorcError
-from ..format.info import lorc_ranks
+from ..format.info import gguf_info, lorc_ranks
 from ..runtime.decoding import bos_token, decode_tokens
 from ..runtime.session import Session
 from ..runtime.tokens import make_chunks
 from .configs import ModelConfig, default_threads, open_session
-from .kv import measure_kv_bytes
+from .kv import measure_kv_bytes, sequence_state_bytes
 from .machine import machine_info, versions
 from .metrics import kl_rows, log_softmax, mean_se
 from .tables import table
@@ -84,6 +84,9 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
             tokens = s.tokenize(text, add_bos=False)
             chunks = make_chunks(tokens, ctx, bos_token(s), n_chunks).tolist()
             kv = measure_kv_bytes(s, chunks[0])
+            # sliding-window layers hold their window, not the context: measured whole
+            at_ctx = (sequence_state_bytes(s, chunks[0]) if gguf_info(config.path)["sliding_window"]
+                      else kv.sequence_bytes(ctx))
             same_tokens = base_tokens is None or tokens[:len(chunks) * ctx] == base_tokens
             scores = _Scores()
             for c, chunk in enumerate(chunks):
@@ -120,7 +123,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
             "kv_ratio": kv.per_token / base_kv if base_kv else None,
             "kv_exact_cells": kv.exact_cells,
             "kv_exact_bytes": kv.exact_bytes,
-            "kv_bytes_at_ctx": kv.sequence_bytes(ctx),
+            "kv_bytes_at_ctx": at_ctx,
             "kl_mean": None, "kl_stderr": None, "top1_agreement": None,
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -188,7 +191,8 @@ def format_eval_table(report: dict[str, Any]) -> str:
     return (f"{text}\n{report['ctx']}-token chunks x {first['n_chunks']}, {first['n_scored']} scored tokens per "
             f"model; KL and top-1 against {report['baseline']}; KV ratio of KV-only bytes per token; exact = "
             f"cells a hybrid cache keeps at full width per sequence (sinks + window); @{report['ctx']} = "
-            f"KV-only bytes of a {report['ctx']}-token sequence against the baseline's")
+            f"KV-only bytes of a {report['ctx']}-token sequence against the baseline's (sliding-window models: "
+            f"its measured state with swa_full off)")
 
 
 def format_eval_report(report: dict[str, Any]) -> str:

@@ -48,10 +48,12 @@ def _gguf_info(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     meta = ReaderMetadata(reader)
     name = meta.get(gguf.Keys.General.ARCHITECTURE) or ""
     key_width = value_width = None
+    sliding_window, n_global = 0, None
     if name in arch.registered():
         try:
             shape = arch.for_name(name).shape(meta)
             key_width, value_width = shape.width(Side.KEY, 0), shape.width(Side.VALUE, 0)
+            sliding_window, n_global = shape.sliding_window, len(shape.global_layers)
         except LorcError:
             pass
     block_count = meta.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=name))
@@ -61,6 +63,8 @@ def _gguf_info(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
             "n_ctx_train": None if n_ctx_train is None else int(n_ctx_train),
             "key_width": key_width,
             "value_width": value_width,
+            "sliding_window": sliding_window,
+            "n_global_layers": n_global,
             **read_lorc(meta, name)}
 
 
@@ -68,7 +72,8 @@ def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What the tools read from a GGUF's metadata (cached per file version): ``arch``, ``n_layer``,
     ``n_ctx_train``, the ``read_lorc`` fields (``lorc_version`` 0 and ranks None for an ordinary
     model) and the dense ``key_width``/``value_width`` of a layer (n_head_kv * head_dim; None for an
-    architecture outside the registry)."""
+    architecture outside the registry), ``sliding_window`` (0 without) and ``n_global_layers``
+    (the layers whose cache grows with the context, which hold the exact cells; None outside the registry)."""
     st = os.stat(path)
     return dict(_gguf_info(str(Path(path).resolve()), st.st_mtime_ns, st.st_size))
 

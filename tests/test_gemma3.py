@@ -3,8 +3,9 @@ RoPE with a separate base for local layers) saved by transformers, turned into G
 llama.cpp's own converter, factorized by LoRC and run by the patched runtime.
 
 Two variants: the real architecture's five sliding-window layers to one global layer (the iswa
-cache: each kind of layer keeps its latent rows in its own half), and every layer global (the plain
-KV cache, where the hybrid cache is available). The latent path must compute what its
+cache: each kind of layer keeps its latent rows in its own half; with the exact sinks and window,
+the global layers' latent and exact stores beside a store of the sliding-window layers), and every
+layer global (the plain KV cache with or without the exact sinks and window). The latent path must compute what its
 dense-equivalent computes: the key norm applied to the rebuilt keys before RoPE, each cell roped
 with its position in whichever cache holds it. No real Gemma 3 weights are available offline, so
 quality is not measured here."""
@@ -40,6 +41,8 @@ D_KV = N_HEAD_KV * HEAD_DIM  # 128
 WINDOW_SWA = 16  # the local layers' attention window
 SINKS, WINDOW = 4, 16  # hybrid cache of the all-global variant
 F32 = {"cache_type_k": "f32", "cache_type_v": "f32"}
+HALF = [D_KV // 2] * (2 * N_LAYER)  # every layer's K and V at half width (explicit ranks)
+IS_SWA = [il % 6 < 5 for il in range(N_LAYER)]  # llama.cpp's gemma3 pattern: every sixth layer global
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -89,10 +92,23 @@ def models(tmp_path_factory) -> dict[str, Path]:
         original = convert_folder(folder, d / f"original-{variant}.gguf")
         lorc = d / f"lorc-{variant}.gguf"
         hybrid = {} if window else {"sink_tokens": SINKS, "recent_window": WINDOW}
-        convert(original, lorc, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True, **hybrid)
+        convert(original, lorc, ranks=HALF, outtype="f32", progress=False, data_free=True, **hybrid)
         out[f"original-{variant}"] = original
         out[f"lorc-{variant}"] = lorc
         out[f"dense-{variant}"] = write_dense_equivalent(lorc, d / f"dense-{variant}.gguf")
+    # the exact sinks and window with sliding windows: the converter's shape (sliding-window layers
+    # dense, the global layer latent), every layer latent, and for the latter's reference the
+    # dense equivalent of its sliding-window layers' factors alone (data-free SVD factors depend on
+    # the layer's weight only, so they are the same in both files)
+    exact = {"sink_tokens": SINKS, "recent_window": WINDOW}
+    swa_only = [r for il in range(N_LAYER) for r in ((D_KV // 2,) * 2 if IS_SWA[il] else (D_KV,) * 2)]
+    global_only = [r for il in range(N_LAYER) for r in ((D_KV,) * 2 if IS_SWA[il] else (D_KV // 2,) * 2)]
+    for name, ranks, extra in (("hybrid-swa", global_only, exact), ("hybrid-swa-latent", HALF, exact),
+                               ("lorc-swa-local", swa_only, {})):
+        convert(out["original-swa"], d / f"{name}.gguf", ranks=ranks, outtype="f32", progress=False, data_free=True,
+                **extra)
+        out[name] = d / f"{name}.gguf"
+    out["dense-swa-local"] = write_dense_equivalent(out["lorc-swa-local"], d / "dense-swa-local.gguf")
     return out
 
 
@@ -199,27 +215,93 @@ def test_kv_bytes_are_half(models, variant: str) -> None:
     assert per_token["lorc"] - meta == pytest.approx(0.5 * (per_token["original"] - meta))
 
 
-def test_converter_refuses_the_hybrid_cache_with_sliding_windows(models, tmp_path) -> None:
-    with pytest.raises(LorcError, match="sliding-window attention.*exact sinks / window"):
-        convert(models["original-swa"], tmp_path / "x.gguf", ratio=0.5, progress=False, data_free=True, recent_window=64)
-    assert not (tmp_path / "x.gguf").exists()
+def test_hybrid_cache_with_sliding_windows(models) -> None:
+    """The exact sinks and window on the global layer, the sliding-window layers dense in a store of
+    their own: a query whose cells all lie in the recent window sees exact keys only, so the first
+    WINDOW rows equal the original; later rows lie between the original and the plain latent path
+    (the iswa pair); a window covering everything is the original model."""
+    tokens = prompt(96, seed=11)
+    original = logits_of(models["original-swa"], tokens, **F32)
+    hybrid = logits_of(models["hybrid-swa"], tokens, **F32)
+    plain = logits_of(models["hybrid-swa"], tokens, **PLAIN, **F32)
+    close(hybrid[:WINDOW], original[:WINDOW])
+    assert far(plain[:WINDOW], original[:WINDOW])
+    late = slice(2 * WINDOW, None)
+    assert mean_kl(original[late], hybrid[late]) < mean_kl(original[late], plain[late])
+    close(logits_of(models["hybrid-swa"], tokens, lorc_sink_tokens=0, lorc_recent_window=256, **F32), original)
 
 
-def test_defaults_give_a_sliding_window_model_the_plain_latent_cache(models, tmp_path) -> None:
-    """The converter's defaults work for every architecture: with sliding windows the exact sinks
-    and window are unavailable, so the default file has none and says why."""
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_hybrid_cache_with_latent_sliding_window_layers(models, flash_attn: bool) -> None:
+    """Every layer latent: with the exact window covering everything the global layer reads the
+    original K/V and the sliding-window layers their latent rows, which is the dense equivalent of
+    the sliding-window layers' factors alone (96 tokens: six local windows)."""
+    tokens = prompt(96, seed=12)
+    wide = dict(lorc_sink_tokens=0, lorc_recent_window=256, flash_attn=flash_attn)
+    ref = logits_of(models["dense-swa-local"], tokens, flash_attn=flash_attn, **F32)
+    got = logits_of(models["hybrid-swa-latent"], tokens, **wide, **F32)
+    if flash_attn:  # the CPU flash-attention kernel rounds through f16 (see above): the KL rule
+        floor = mean_kl(ref, logits_of(models["dense-swa-local"], tokens, flash_attn=True))
+        assert mean_kl(ref, got) <= 4 * floor + 1e-6
+    else:
+        close(got, ref)
+    # the global layer's latent rows matter: with the file's own window they are read
+    assert far(logits_of(models["hybrid-swa-latent"], tokens, **F32), ref)
+
+
+def test_hybrid_decoding_through_a_recycled_sliding_window_cache(models) -> None:
+    """swa_full off: the sliding-window store holds window + ubatch cells (padded to 256) and reuses
+    them past 256 tokens while the latent store grows and the exact store keeps sinks and window;
+    generation one token per llama_decode must equal the same file with a full-size store."""
+    tokens = prompt(320, seed=13)
+    n_prompt = 280
+    got, ref = [], []
+    for swa_full, out in ((False, got), (True, ref)):
+        with Session(models["hybrid-swa-latent"], params(n_ctx=512, n_batch=32, n_ubatch=32, swa_full=swa_full,
+                                                          **F32)) as s:
+            out.append(s.decode_seq(tokens[:n_prompt]))
+            for i in range(n_prompt, len(tokens)):
+                out.append(s.decode([(tokens[i], i, 0)]))
+    close(np.concatenate(got), np.concatenate(ref))
+
+
+def test_hybrid_cut_needs_the_sliding_window_cells(models) -> None:
+    """Cutting a sequence back needs the cells its next query reads in every store: with an exact
+    window wide enough to hold everything, only the recycled sliding-window store can refuse."""
+    tokens = prompt(300, seed=14)
+    small = params(n_ctx=512, n_batch=32, n_ubatch=32, swa_full=False, lorc_recent_window=512, **F32)
+    with Session(models["hybrid-swa-latent"], small) as s:
+        s.decode_seq(tokens, logits=False)
+        assert not s.seq_rm(0, 30, -1)   # positions [14, 30) left the 256-cell sliding-window store
+        assert s.seq_pos_max(0) == 299
+        assert s.seq_rm(0, 200, -1)      # [184, 200) are still held
+        got = s.decode_seq(tokens[200:201], pos0=200)
+    with Session(models["hybrid-swa-latent"], small) as s:
+        ref = s.decode_seq(tokens[:201])[-1:]
+    close(got, ref)
+
+
+def test_defaults_give_a_sliding_window_model_the_exact_window(models, tmp_path) -> None:
+    """The converter's defaults on a sliding-window model: the exact sinks and window, and ranks for
+    the global layers only (the ratio is theirs); the sliding-window layers keep dense K/V."""
     notices: list[str] = []
     out = tmp_path / "default.gguf"
     report = convert(models["original-swa"], out, progress=False, calib_tokens=256, log=notices.append)
     assert report["method"] == aware.WHITEN and report["allocation"] == "progressive"
     reader = FastGGUFReader(out)
-    assert reader.fields[constants.KEY_SINK_TOKENS].contents() == 0
-    assert reader.fields[constants.KEY_RECENT_WINDOW].contents() == 0
-    assert any("gemma3 uses sliding-window attention: the file gets the plain latent cache" in n for n in notices)
-    # the same model without windows gets them
-    report = convert(models["original-global"], tmp_path / "global.gguf", progress=False, calib_tokens=256)
-    reader = FastGGUFReader(tmp_path / "global.gguf")
+    assert reader.fields[constants.KEY_SINK_TOKENS].contents() == constants.DEFAULT_SINK_TOKENS
     assert reader.fields[constants.KEY_RECENT_WINDOW].contents() == constants.DEFAULT_RECENT_WINDOW
+    key_rank = reader.fields["gemma3.attention.lorc_key_rank"].contents()
+    value_rank = reader.fields["gemma3.attention.lorc_value_rank"].contents()
+    for il in range(N_LAYER):
+        if IS_SWA[il]:
+            assert key_rank[il] == value_rank[il] == D_KV
+    (g,) = [il for il in range(N_LAYER) if not IS_SWA[il]]
+    assert key_rank[g] + value_rank[g] == D_KV  # half of the global layer's K + V width
+    assert any("ranks go to its 1 global layers" in n for n in notices)
+    # the runtime takes the exact window (it fell back to the plain latent cache before)
+    tokens = prompt(40, seed=15)
+    assert not np.allclose(logits_of(out, tokens, **F32), logits_of(out, tokens, **PLAIN, **F32))
 
 
 @pytest.mark.parametrize("variant", ["swa", "global"])
@@ -250,4 +332,4 @@ def test_calibrated_conversion(models, tmp_path) -> None:
     assert report["method"] == aware.WHITEN and report["calibration"]["n_tokens"] >= 256
     tokens = prompt(64, seed=10)
     dense = write_dense_equivalent(out, tmp_path / "calibrated-dense.gguf")
-    close(logits_of(out, tokens, **F32), logits_of(dense, tokens, **F32))
+    close(logits_of(out, tokens, **PLAIN, **F32), logits_of(dense, tokens, **F32))

@@ -2,6 +2,7 @@
 
     python tools/build_runtime.py               # CPU build, cached
     python tools/build_runtime.py --cuda        # -DGGML_CUDA=ON
+    python tools/build_runtime.py --cuda --cuda-arch 90 --lib-dir   # one GPU generation, libraries for LLAMA_CPP_LIB_PATH
     python tools/build_runtime.py --vulkan --lib-dir   # Vulkan build, its libraries for LLAMA_CPP_LIB_PATH
     python tools/build_runtime.py --fetch-vulkan-headers   # Debian 13's Vulkan headers into the cache
     python tools/build_runtime.py --check       # only check that both series apply to the pin
@@ -23,6 +24,9 @@ from .common import fail
 def build_runtime_main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cuda", action="store_true", help="build the CUDA backend (-DGGML_CUDA=ON)")
+    ap.add_argument("--cuda-arch", default=None, metavar="LIST",
+                    help="CMAKE_CUDA_ARCHITECTURES for --cuda, e.g. 90 (H100/H200) or 86;89 (default: ggml-cuda's list "
+                         "of every generation)")
     ap.add_argument("--vulkan", action="store_true", help="build the Vulkan backend (-DGGML_VULKAN=ON)")
     ap.add_argument("--vulkan-include", type=Path, default=None, metavar="DIR",
                     help="Vulkan headers to build with (default: $VULKAN_SDK/include, the fetched ones, /usr/include)")
@@ -59,6 +63,8 @@ def build_runtime_main(argv: Sequence[str] | None = None) -> int:
         if args.fetch_vulkan_headers:
             build.fetch_vulkan_headers(log)
             return 0
+        if args.cuda:
+            options.cmake_args = [*build.cuda_cmake_args(args.cuda_arch), *options.cmake_args]
         if args.vulkan:
             options.cmake_args = [*build.vulkan_cmake_args(args.vulkan_include, log), *options.cmake_args]
         series = build.read_runtime_series()

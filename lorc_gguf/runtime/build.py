@@ -256,6 +256,18 @@ def native_options(log=print) -> BuildOptions:
     return BuildOptions(compiler_flags=native_compiler_flags(log))
 
 
+# --- CUDA ---------------------------------------------------------------------------------------
+
+def cuda_cmake_args(arch: str | None) -> list[str]:
+    """The CMake flags of a CUDA build: the nvcc found (PATH, else /usr/local/cuda/bin) and the GPU
+    architectures (None: ggml-cuda's default list, every supported generation, several times the
+    build time of one); raises BuildError naming the fix when there is no nvcc."""
+    nvcc = shutil.which("nvcc") or next((str(p) for p in (Path("/usr/local/cuda/bin/nvcc"),) if p.exists()), None)
+    if nvcc is None:
+        raise BuildError("the CUDA build needs nvcc: install the CUDA toolkit and put its bin folder on PATH")
+    return [f"-DCMAKE_CUDA_COMPILER={nvcc}", *([f"-DCMAKE_CUDA_ARCHITECTURES={arch}"] if arch else [])]
+
+
 # --- Vulkan -------------------------------------------------------------------------------------
 # The pinned ggml-vulkan needs Vulkan-Hpp headers that know VK_EXT_layer_settings
 # (vk::LayerSettingEXT, Vulkan headers 1.3.272 and later): Debian 12's libvulkan-dev (1.3.239) is too

@@ -10,7 +10,7 @@ writes a bundle: the patched llama.cpp tree trimmed to what libllama with the CP
 builds from (plus gguf-py and the patched Python bindings), the qwen2 / gemma3 test models (random
 weights, 512-token synthetic vocabulary) and cp312 wheels of the pure-Python packages the checks
 import (numpy and PyYAML as a fallback for a machine without them). On the lent machine
-(carry build/gpu-check; CUDA, CMake, Python 3.12):
+(carry build/gpu-check, nothing else; CUDA, CMake, Python 3.12):
 
     python3 tools/gpu_check.py run                      # -> results/gpu-check.json
 
@@ -47,6 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "build" / "gpu-check"
+# builds, models and the unpacked tree: beside the bundle, not in it (the bundle is what travels)
+DEFAULT_WORK = REPO / "build" / "gpu-check-work"
 SRC_TARBALL = "llama-lorc-src.tar.xz"
 BUNDLE_LIMIT = 60 * 2**20  # of the 64 MiB that travel with the working tree
 # pure-Python packages the checks import (lorc_gguf, gguf-py, the bindings) and two binary ones;
@@ -113,7 +115,7 @@ def pack(out: Path) -> int:
     shutil.rmtree(models, ignore_errors=True)
     bc.make_arch_originals(models)
     (out / "manifest.json").write_text(json.dumps({"series": digest, "made": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "work" not in p.relative_to(out).parts)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"bundle {out}: {size / 2**20:.1f} MiB (series {digest})")
     if size > BUNDLE_LIMIT:
         return fail(f"the bundle is {size / 2**20:.1f} MiB, above {BUNDLE_LIMIT / 2**20:.0f} MiB")
@@ -148,6 +150,9 @@ def build_lib(src: Path, build_dir: Path, cuda: bool, cuda_arch: str, jobs: int,
     env = dict(os.environ)
     if cuda:
         args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
+    cache = build_dir / "CMakeCache.txt"
+    if cache.exists() and f"CMAKE_CACHEFILE_DIR:INTERNAL={build_dir.resolve()}" not in cache.read_text():
+        shutil.rmtree(build_dir)  # configured in another folder (moved or copied): start afresh
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     t0 = time.perf_counter()
     for cmd in (["cmake", "-S", str(src), "-B", str(build_dir), *gen, *args],
@@ -321,7 +326,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("_child")
     for q in (r, c):
         q.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
-        q.add_argument("--work", default=str(DEFAULT_BUNDLE / "work"))
+        q.add_argument("--work", default=str(DEFAULT_WORK))
         q.add_argument("--cpu-only", action="store_true", help="dry run: CPU-only build, the CPU as the device")
         q.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
         q.add_argument("--bench-layers", type=int, default=None, help="keep this many layers of the bench model")

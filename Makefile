@@ -46,7 +46,8 @@ test: tools
 # LLAMA_CPP_LIB_PATH, leaving the installed CPU runtime in place (cold: about 10 minutes on 2 cores)
 test-vulkan: runtime
 	LIB=$$($(BIN)/python tools/build_runtime.py --vulkan --lib-dir) && \
-	LLAMA_CPP_LIB_PATH=$$LIB GGML_VK_VISIBLE_DEVICES=0 $(BIN)/python -m pytest -q tests/test_vulkan.py
+	export LLAMA_CPP_LIB_PATH=$$LIB GGML_VK_VISIBLE_DEVICES=0 PYTHONPATH=. && \
+	$(BIN)/python tests/backend_cases.py Vulkan && $(BIN)/python -m pytest -q tests/test_vulkan.py
 
 # the README's quality, defaults, converter and speed results and plots, into results/ (about 4 hours on 2 cores)
 results: runtime

@@ -276,3 +276,17 @@ class Comparison:
         for r in self.table():
             lines.append(f"- {r['case']}, decode graph splits: " + " / ".join(r["decode_split_inputs"]))
         return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/backend_cases.py Vulkan: is there such a device? (make test-vulkan)
+    import sys
+
+    import llama_cpp  # noqa: F401  (loads the library LLAMA_CPP_LIB_PATH names)
+
+    want = sys.argv[1] if len(sys.argv) > 1 else "Vulkan"
+    found = gpu_devices(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    if not any(d.startswith(want) for d in found):
+        sys.exit(f"error: the runtime in {os.environ.get('LLAMA_CPP_LIB_PATH')} sees no {want} device "
+                 f"(devices: {', '.join(found) or 'none'}); install a driver (e.g. mesa-vulkan-drivers for lavapipe) "
+                 "and set GGML_VK_VISIBLE_DEVICES=0 for a CPU-type device")
+    print(f"{want} devices: {', '.join(d for d in found if d.startswith(want))}")

@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lorc-installed
 
-.PHONY: setup runtime tools demo test check-patches results clean
+.PHONY: setup runtime tools demo test test-vulkan check-patches results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ demo: runtime
 
 test: tools
 	$(BIN)/python -m pytest -q tests
+
+# LoRC graphs on the Vulkan backend against the CPU backend (tests/test_vulkan.py; skipped by `make
+# test`). Needs glslc, spirv-headers, libvulkan-dev, a Vulkan driver (Mesa's lavapipe runs it on the CPU)
+# and Vulkan headers >= 1.3.272 (tools/build_runtime.py --fetch-vulkan-headers on Debian 12). The
+# Vulkan libraries are cached beside the CPU wheel under their own key and loaded through
+# LLAMA_CPP_LIB_PATH, leaving the installed CPU runtime in place (cold: about 10 minutes on 2 cores)
+test-vulkan: runtime
+	LIB=$$($(BIN)/python tools/build_runtime.py --vulkan --lib-dir) && \
+	export LLAMA_CPP_LIB_PATH=$$LIB GGML_VK_VISIBLE_DEVICES=0 PYTHONPATH=. && \
+	$(BIN)/python tests/backend_cases.py Vulkan && $(BIN)/python -m pytest -q tests/test_vulkan.py
 
 # the README's quality, defaults, converter and speed results and plots, into results/ (about 4 hours on 2 cores)
 results: runtime

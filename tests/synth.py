@@ -47,6 +47,29 @@ def smollm2_tokenizer_metadata() -> tuple[MetadataItem, ...]:
     return tuple(item for item in copy_metadata(reader) if item.key.startswith("tokenizer."))
 
 
+def synthetic_vocab_metadata(n_vocab: int) -> tuple[MetadataItem, ...]:
+    """A SentencePiece-type ("llama") vocabulary of ``n_vocab`` made-up tokens: <unk>, <s>, </s>,
+    the 256 byte tokens, then "t{i}". Models with it need no SmolLM2 GGUF (tools/gpu_check.py makes
+    its models on machines without one) and have a small output layer; tests feed token ids."""
+    if n_vocab < 259 + 1:
+        raise ValueError("a synthetic vocabulary needs at least 260 tokens")
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tokens += [f"t{i}" for i in range(n_vocab - len(tokens))]
+    types = [2, 3, 3, *([6] * 256), *([1] * (n_vocab - 259))]  # unknown, control, byte, normal
+    return (MetadataItem("tokenizer.ggml.model", "llama", VT.STRING),
+            MetadataItem("tokenizer.ggml.tokens", tokens, VT.ARRAY, VT.STRING),
+            MetadataItem("tokenizer.ggml.scores", [0.0] * n_vocab, VT.ARRAY, VT.FLOAT32),
+            MetadataItem("tokenizer.ggml.token_type", types, VT.ARRAY, VT.INT32),
+            MetadataItem("tokenizer.ggml.unknown_token_id", 0, VT.UINT32),
+            MetadataItem("tokenizer.ggml.bos_token_id", 1, VT.UINT32),
+            MetadataItem("tokenizer.ggml.eos_token_id", 2, VT.UINT32))
+
+
+def tokenizer_metadata(vocab: int | None) -> tuple[MetadataItem, ...]:
+    """SmolLM2's tokenizer (vocab None) or a synthetic one of ``vocab`` tokens."""
+    return smollm2_tokenizer_metadata() if vocab is None else synthetic_vocab_metadata(vocab)
+
+
 def geometric_spectrum(width: int, kappa: float, top: float = 1.0) -> np.ndarray:
     """``width`` singular values falling geometrically from ``top`` to ``top / kappa``."""
     return top * np.power(float(kappa), -np.arange(width) / max(1, width - 1))
@@ -78,15 +101,17 @@ def _encode(a: np.ndarray, qtype: QT) -> np.ndarray:
 
 def make_llama_gguf(path: str | os.PathLike[str], n_layer: int = 4, n_embd: int = 128, n_head: int = 4,
                     n_head_kv: int = 2, head_dim: int = 32, n_ff: int = 256, seed: int = 0, dtype: str = "f32",
-                    spectra: Spectra | None = None) -> Path:
+                    spectra: Spectra | None = None, vocab: int | None = None) -> Path:
     """Write a random llama GGUF to ``path`` and return the path.
 
     ``dtype`` is the type of every 2-D weight (f32, f16, bf16, q8_0); norms stay f32 as llama.cpp
     expects. ``spectra={"key": [s_0, ..., s_{L-1}], "value": [...]}`` plants the singular values
     of layer l's K (or V) projection (``n_head_kv * head_dim`` values each; None keeps that layer
-    random). Same arguments give byte-identical files.
+    random). ``vocab``: None for SmolLM2's tokenizer (49152 tokens), else a synthetic vocabulary of
+    that many tokens (``synthetic_vocab_metadata``). Same arguments give byte-identical files.
     """
     path = Path(path)
+    n_vocab = VOCAB_SIZE if vocab is None else vocab
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
     qtype = DTYPES[dtype]
@@ -111,9 +136,9 @@ def make_llama_gguf(path: str | os.PathLike[str], n_layer: int = 4, n_embd: int 
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(ROPE_FREQ_BASE)
     writer.add_layer_norm_rms_eps(RMS_EPS)
-    writer.add_vocab_size(VOCAB_SIZE)
+    writer.add_vocab_size(n_vocab)
     writer.add_file_type(FILE_TYPES[dtype])
-    for item in smollm2_tokenizer_metadata():
+    for item in tokenizer_metadata(vocab):
         writer.add_key_value(item.key, item.value, item.vtype, sub_type=item.sub_type)
 
     def weight(name: str, a: np.ndarray) -> None:
@@ -124,7 +149,7 @@ def make_llama_gguf(path: str | os.PathLike[str], n_layer: int = 4, n_embd: int 
         writer.add_tensor(name, np.ones(n, dtype=np.float32))
 
     # numpy shapes are (out, in): ggml [in, out]
-    weight("token_embd.weight", _gaussian(rng, VOCAB_SIZE, n_embd))
+    weight("token_embd.weight", _gaussian(rng, n_vocab, n_embd))
     for il in range(n_layer):
         norm(f"blk.{il}.attn_norm.weight", n_embd)
         weight(f"blk.{il}.attn_q.weight", _gaussian(rng, n_head * head_dim, n_embd))
@@ -153,6 +178,7 @@ def make_llama_gguf(path: str | os.PathLike[str], n_layer: int = 4, n_embd: int 
 REAL_SHAPES: dict[str, dict[str, int]] = {
     "llama-3.1-8b": dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_ff=14336),
     "llama-3.1-70b": dict(n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, head_dim=128, n_ff=28672),
+    "llama-3.2-1b": dict(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192),
     "qwen2.5-7b-as-llama": dict(n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, head_dim=128, n_ff=18944),
 }
 
@@ -168,10 +194,10 @@ def _random_q4_0(rng: np.random.Generator, rows: int, fan_in: int) -> np.ndarray
 
 
 def make_shaped_gguf(path: str | os.PathLike[str], shape: str = "llama-3.1-8b", n_layer: int | None = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, vocab: int | None = None) -> Path:
     """A llama GGUF with a real model's shapes (``REAL_SHAPES``) and random Q4_0 weights (norms
-    f32, SmolLM2's tokenizer), written one tensor at a time: memory stays at one tensor however
-    large the model. Same arguments give byte-identical files."""
+    f32, SmolLM2's tokenizer or a synthetic one of ``vocab`` tokens), written one tensor at a time:
+    memory stays at one tensor however large the model. Same arguments give byte-identical files."""
     from lorc_gguf.format.write import NewTensor, write_gguf
 
     dims = dict(REAL_SHAPES[shape])
@@ -187,9 +213,10 @@ def make_shaped_gguf(path: str | os.PathLike[str], shape: str = "llama-3.1-8b", 
         (gguf.Keys.Attention.HEAD_COUNT, H, VT.UINT32), (gguf.Keys.Attention.HEAD_COUNT_KV, HKV, VT.UINT32),
         (gguf.Keys.Attention.KEY_LENGTH, D, VT.UINT32), (gguf.Keys.Attention.VALUE_LENGTH, D, VT.UINT32),
         (gguf.Keys.Rope.DIMENSION_COUNT, D, VT.UINT32), (gguf.Keys.Rope.FREQ_BASE, 500000.0, VT.FLOAT32),
-        (gguf.Keys.Attention.LAYERNORM_RMS_EPS, RMS_EPS, VT.FLOAT32), (gguf.Keys.LLM.VOCAB_SIZE, VOCAB_SIZE, VT.UINT32),
+        (gguf.Keys.Attention.LAYERNORM_RMS_EPS, RMS_EPS, VT.FLOAT32),
+        (gguf.Keys.LLM.VOCAB_SIZE, VOCAB_SIZE if vocab is None else vocab, VT.UINT32),
         (gguf.Keys.General.FILE_TYPE, int(gguf.LlamaFileType.MOSTLY_Q4_0), VT.UINT32))]
-    meta += list(smollm2_tokenizer_metadata())
+    meta += list(tokenizer_metadata(vocab))
 
     def q4(name: str, rows: int, fan_in: int) -> NewTensor:
         return NewTensor(name, (rows, fan_in), QT.Q4_0, lambda: _random_q4_0(rng, rows, fan_in))
@@ -197,7 +224,7 @@ def make_shaped_gguf(path: str | os.PathLike[str], shape: str = "llama-3.1-8b", 
     def ones(name: str) -> NewTensor:
         return NewTensor(name, (1, E), QT.F32, lambda: np.ones((1, E), dtype=np.float32))
 
-    plan = [q4("token_embd.weight", VOCAB_SIZE, E)]
+    plan = [q4("token_embd.weight", VOCAB_SIZE if vocab is None else vocab, E)]
     for il in range(L):
         plan += [ones(f"blk.{il}.attn_norm.weight"), q4(f"blk.{il}.attn_q.weight", H * D, E),
                  q4(constants.TENSOR_K.format(bid=il), HKV * D, E), q4(constants.TENSOR_V.format(bid=il), HKV * D, E),
@@ -336,3 +363,26 @@ def make_hf_qwen2_folder(path: str | os.PathLike[str], n_layer: int = 2, n_embd:
     # the converter picks its Qwen2 class from "architectures", which stays Qwen2ForCausalLM.
     _update_config(path, model_type="llama")
     return path
+
+
+def shrink_vocab(src: str | os.PathLike[str], dst: str | os.PathLike[str], vocab: int) -> Path:
+    """``src`` with a synthetic vocabulary of ``vocab`` tokens: the first ``vocab`` rows of
+    token_embd (and of output, where untied), every other tensor and key copied. Makes the
+    converted qwen2 / gemma3 models small enough to travel to a machine without transformers
+    (tools/gpu_check.py)."""
+    from lorc_gguf.format.write import CopiedTensor, NewTensor, write_gguf
+
+    reader = FastGGUFReader(Path(src), "r")
+    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
+    skip = {f.name for f in reader.fields.values() if f.name.startswith("tokenizer.")}
+    skip.add(gguf.Keys.LLM.VOCAB_SIZE.format(arch=arch))
+    meta = [*copy_metadata(reader, skip=skip), *synthetic_vocab_metadata(vocab)]
+    plan = []
+    for t in reader.tensors:
+        if t.name in ("token_embd.weight", "output.weight"):
+            rows = np.asarray(t.data)[:vocab].copy()
+            plan.append(NewTensor(t.name, (vocab, int(t.shape[0])), QT(t.tensor_type), lambda r=rows: r))
+        else:
+            plan.append(CopiedTensor(t))
+    write_gguf(Path(dst), arch, meta, plan, progress=False)
+    return Path(dst)

@@ -3,6 +3,8 @@ the wheel cache key."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from lorc_gguf.runtime import build
@@ -72,3 +74,26 @@ def test_tool_targets_are_defined_under_the_tools_flags() -> None:
                for name in re.findall(r"set\(TARGET (\S+)\)", (tools / folder / "CMakeLists.txt").read_text())}
     assert {"llama-server", "ggml-rpc-server"} <= set(build.TOOL_TARGETS)
     assert set(build.TOOL_TARGETS) <= set(defined), set(build.TOOL_TARGETS) - set(defined)
+
+
+def _fake_vulkan_headers(root, version: int, layer_settings: bool):
+    inc = root / "include"
+    (inc / "vulkan").mkdir(parents=True)
+    (inc / "vulkan" / "vulkan_core.h").write_text(f"#define VK_HEADER_VERSION {version}\n")
+    (inc / "vulkan" / "vulkan_structs.hpp").write_text("struct LayerSettingEXT\n{\n};\n" if layer_settings else "\n")
+    return inc
+
+
+def test_vulkan_headers_are_judged_by_what_ggml_vulkan_uses(tmp_path):
+    old = _fake_vulkan_headers(tmp_path / "old", 239, layer_settings=False)
+    new = _fake_vulkan_headers(tmp_path / "new", 309, layer_settings=True)
+    assert build.vulkan_header_version(old) == 239
+    assert not build.vulkan_headers_usable(old)
+    assert build.vulkan_headers_usable(new)
+    if shutil.which("glslc") is None or not build._spirv_headers_found():
+        with pytest.raises(build.BuildError, match="apt-get install"):
+            build.vulkan_cmake_args(new, log=lambda m: None)
+        return
+    assert build.vulkan_cmake_args(new, log=lambda m: None) == [f"-DVulkan_INCLUDE_DIR={new}"]
+    with pytest.raises(build.BuildError, match=r"too old.*\(239\).*--fetch-vulkan-headers"):
+        build.vulkan_cmake_args(old, log=lambda m: None)

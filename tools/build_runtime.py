@@ -3,6 +3,9 @@
 
     python tools/build_runtime.py               # CPU build, cached
     python tools/build_runtime.py --cuda        # -DGGML_CUDA=ON
+    python tools/build_runtime.py --cuda --cuda-arch 90 --lib-dir      # one GPU generation, not installed
+    python tools/build_runtime.py --vulkan --lib-dir                  # Vulkan build, for LLAMA_CPP_LIB_PATH
+    python tools/build_runtime.py --fetch-vulkan-headers              # Debian 13's Vulkan headers into the cache
     python tools/build_runtime.py --check       # only check that both series apply to the pin
     python tools/build_runtime.py --tools       # also build llama-perplexity, llama-bench, ...
 """

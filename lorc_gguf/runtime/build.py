@@ -26,7 +26,7 @@ from . import sdist
 # would double the build time (tools can be built separately with build_tools()).
 BASE_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                    "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
-SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "metal": "-DGGML_METAL=ON"}
+SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "metal": "-DGGML_METAL=ON", "vulkan": "-DGGML_VULKAN=ON"}
 # llama.cpp's programs, built from the same patched tree (build_tools). llama-server is defined only
 # with LLAMA_BUILD_SERVER, the RPC server only with GGML_RPC (which also gives the tools' libllama the
 # RPC backend that --rpc uses); llama-cli needs the server library too and is not built (llama-completion
@@ -157,7 +157,7 @@ def patched_tree(series: Sequence[Series], dest: Path, log=print) -> Path:
 @dataclass
 class BuildOptions:
     cmake_args: list[str] = field(default_factory=list)
-    shortcuts: list[str] = field(default_factory=list)  # "cuda", "metal"
+    shortcuts: list[str] = field(default_factory=list)  # "cuda", "metal", "vulkan"
     jobs: int = os.cpu_count() or 2
     force: bool = False
     compiler_flags: str = ""  # CFLAGS/CXXFLAGS for the llama.cpp build (see native_compiler_flags)
@@ -254,3 +254,134 @@ def build_tools(options: BuildOptions, targets=TOOL_TARGETS, log=print) -> Path:
 def native_options(log=print) -> BuildOptions:
     """The options ``make runtime`` builds with on this machine (CPU, AMX decided by the probe)."""
     return BuildOptions(compiler_flags=native_compiler_flags(log))
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+def cuda_cmake_args(arch: str | None) -> list[str]:
+    """The CMake flags of a CUDA build: the nvcc found (PATH, else /usr/local/cuda/bin) and the GPU
+    architectures (None: ggml-cuda's default list, every supported generation, several times the
+    build time of one); raises BuildError naming the fix when there is no nvcc."""
+    nvcc = shutil.which("nvcc") or next((str(p) for p in (Path("/usr/local/cuda/bin/nvcc"),) if p.exists()), None)
+    if nvcc is None:
+        raise BuildError("the CUDA build needs nvcc: install the CUDA toolkit and put its bin folder on PATH")
+    return [f"-DCMAKE_CUDA_COMPILER={nvcc}", *([f"-DCMAKE_CUDA_ARCHITECTURES={arch}"] if arch else [])]
+
+
+# --- Vulkan -------------------------------------------------------------------------------------
+# The pinned ggml-vulkan needs Vulkan-Hpp headers that know VK_EXT_layer_settings
+# (vk::LayerSettingEXT, Vulkan headers 1.3.272 and later): Debian 12's libvulkan-dev (1.3.239) is too
+# old, Debian 13's (1.4.309) works. Only the headers are needed from it: the loader (libvulkan.so.1)
+# of Debian 12 resolves every entry point at run time.
+VULKAN_HEADERS_SUITE = "trixie"  # the Debian suite fetch_vulkan_headers downloads libvulkan-dev from
+VULKAN_FIX = ("run `python tools/build_runtime.py --fetch-vulkan-headers` (downloads Debian 13's libvulkan-dev "
+              "headers into the cache) or pass --vulkan-include DIR with Vulkan headers >= 1.3.272")
+
+
+def vulkan_headers_dir() -> Path:
+    """Where fetch_vulkan_headers unpacks libvulkan-dev (its usr/include is the include dir)."""
+    return sdist.cache_dir() / "vulkan-headers"
+
+
+def vulkan_header_version(include: Path) -> int | None:
+    """VK_HEADER_VERSION of the headers under ``include`` (None where there are none)."""
+    core = include / "vulkan" / "vulkan_core.h"
+    if not core.is_file():
+        return None
+    for line in core.read_text(errors="replace").splitlines():
+        if line.startswith("#define VK_HEADER_VERSION ") and line.split()[-1].isdigit():
+            return int(line.split()[-1])
+    return None
+
+
+def vulkan_headers_usable(include: Path) -> bool:
+    """Whether the Vulkan-Hpp headers under ``include`` declare vk::LayerSettingEXT."""
+    for hpp in sorted((include / "vulkan").glob("vulkan*.hpp")):
+        if "struct LayerSettingEXT" in hpp.read_text(errors="replace"):
+            return True
+    return False
+
+
+def _spirv_headers_found() -> bool:
+    roots = [Path("/usr/share/cmake"), Path("/usr/lib/cmake"), *Path("/usr/lib").glob("*/cmake"),
+             Path("/usr/local/share/cmake"), Path("/usr/local/lib/cmake")]
+    if os.environ.get("VULKAN_SDK"):
+        roots.append(Path(os.environ["VULKAN_SDK"]))
+    return any(any(r.rglob("SPIRV-HeadersConfig.cmake")) for r in roots if r.is_dir())
+
+
+def vulkan_cmake_args(include: Path | None = None, log=print) -> list[str]:
+    """The CMake flags a Vulkan build needs here (the include dir when it is not the system's);
+    raises BuildError naming the fix when glslc, SPIR-V headers, the loader or new enough headers are
+    missing."""
+    if shutil.which("glslc") is None:
+        raise BuildError("the Vulkan build needs glslc (shader compiler): apt-get install glslc, or the Vulkan SDK's")
+    if not _spirv_headers_found():
+        raise BuildError("the Vulkan build needs SPIRV-Headers' CMake config: apt-get install spirv-headers")
+    if not any(Path(d).glob("libvulkan.so") for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib",
+                                                     "/usr/local/lib", os.environ.get("VULKAN_SDK", "/nonexistent") + "/lib")):
+        raise BuildError("the Vulkan build needs the Vulkan loader (libvulkan.so): apt-get install libvulkan-dev")
+    candidates = [include] if include is not None else [
+        *([Path(os.environ["VULKAN_SDK"]) / "include"] if os.environ.get("VULKAN_SDK") else []),
+        vulkan_headers_dir() / "usr" / "include", Path("/usr/include")]
+    for cand in candidates:
+        if vulkan_headers_usable(cand):
+            log(f"Vulkan headers {vulkan_header_version(cand)} from {cand}")
+            return [] if cand == Path("/usr/include") else [f"-DVulkan_INCLUDE_DIR={cand}"]
+    found = ", ".join(f"{c} ({vulkan_header_version(c) or 'none'})" for c in candidates)
+    raise BuildError(f"Vulkan headers too old or missing for the pinned ggml-vulkan (need vk::LayerSettingEXT; "
+                     f"found {found}): {VULKAN_FIX}")
+
+
+def fetch_vulkan_headers(log=print) -> Path:
+    """Download Debian 13's libvulkan-dev with apt (a sources list of its own, so the system's apt
+    state is untouched) and unpack it into the cache; returns its include dir."""
+    dest = vulkan_headers_dir()
+    include = dest / "usr" / "include"
+    if vulkan_headers_usable(include):
+        log(f"Vulkan headers {vulkan_header_version(include)} already in {include}")
+        return include
+    for prog in ("apt-get", "dpkg"):
+        if shutil.which(prog) is None:
+            raise BuildError(f"--fetch-vulkan-headers needs {prog} (Debian/Ubuntu); elsewhere install the Vulkan SDK "
+                             "and pass --vulkan-include $VULKAN_SDK/include")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        (t / "lists" / "partial").mkdir(parents=True)
+        (t / "sources.list").write_text(f"deb http://deb.debian.org/debian {VULKAN_HEADERS_SUITE} main\n")
+        opts = ["-o", f"Dir::Etc::SourceList={t / 'sources.list'}", "-o", "Dir::Etc::SourceParts=-",
+                "-o", f"Dir::State::Lists={t / 'lists'}", "-o", "APT::Sandbox::User=root"]
+        for cmd in (["apt-get", *opts, "update"], ["apt-get", *opts, "download", "libvulkan-dev"]):
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise BuildError(f"{' '.join(cmd[:1] + cmd[-2:])} failed: {proc.stderr.strip()[-500:]}")
+        debs = sorted(t.glob("libvulkan-dev_*.deb"))
+        if not debs:
+            raise BuildError("apt-get download libvulkan-dev produced no .deb")
+        shutil.rmtree(dest, ignore_errors=True)
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(dest)], check=True)
+    if not vulkan_headers_usable(include):
+        raise BuildError(f"{debs[-1].name} unpacked into {dest} has no vk::LayerSettingEXT")
+    log(f"Vulkan headers {vulkan_header_version(include)} unpacked into {include}")
+    return include
+
+
+def unpack_libs(wheel: Path, log=print) -> Path:
+    """The wheel's shared libraries (libllama.so, libggml*.so) unpacked into the cache beside it,
+    for LLAMA_CPP_LIB_PATH: a second backend's runtime, used without replacing the installed one."""
+    import zipfile
+
+    dest = wheel.parent / "lib"
+    if not (dest / "libllama.so").exists():
+        tmp = wheel.parent / "lib.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as z:
+            for info in z.infolist():
+                parts = Path(info.filename).parts
+                if parts[:2] == ("llama_cpp", "lib") and len(parts) == 3 and ".so" in parts[-1]:
+                    (tmp / parts[-1]).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / parts[-1]).write_bytes(z.read(info))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        log(f"unpacked {wheel.name}'s libraries into {dest}")
+    return dest

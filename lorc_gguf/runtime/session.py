@@ -45,6 +45,11 @@ class SessionParams:
     lorc_recent_window: int | None = None
     lorc_prefill_block: int | None = None
     lorc_top_k: int | None = None
+    # where a GPU build runs the model: None = llama.cpp's defaults (every layer on the first GPU
+    # device, host-weight ops offloaded for large batches); n_gpu_layers=0 with op_offload=False keeps
+    # every op on the CPU backend of the same library (the reference of tests/test_vulkan.py)
+    n_gpu_layers: int | None = None
+    op_offload: bool | None = None
 
 
 class Session:
@@ -62,6 +67,8 @@ class Session:
             raise RuntimeError(f"the installed llama_cpp has no {', '.join(missing)} context parameter: "
                                "rebuild the runtime (tools/build_runtime.py)")
         mparams = lib.llama_model_default_params()
+        if params.n_gpu_layers is not None:
+            mparams.n_gpu_layers = params.n_gpu_layers
         self.model = lib.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path} (see its log for the reason)")
@@ -72,6 +79,8 @@ class Session:
         cparams.n_seq_max = params.n_seq_max
         cparams.kv_unified = params.kv_unified
         cparams.swa_full = params.swa_full
+        if params.op_offload is not None:
+            cparams.op_offload = params.op_offload
         cparams.n_threads = params.n_threads
         cparams.n_threads_batch = params.n_threads
         cparams.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn

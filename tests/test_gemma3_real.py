@@ -94,9 +94,10 @@ def test_latent_path_matches_its_dense_equivalent_at_the_noise_floor(gemma) -> N
     floor = mean_kl(original, logits_of(gemma["src"], tokens))  # the original, f32 vs f16 cache
     # the plain latent cache reads every global cell through the factors, as the dense equivalent does
     got = mean_kl(logits_of(gemma["dense"], tokens, **F32), logits_of(gemma["lorc"], tokens, **PLAIN, **F32))
-    # measured: floor MEASURE, latent vs dense MEASURE (rebuilt keys and lifted values round in another
-    # order, and Gemma's large activations amplify it). Any real difference between the two paths
-    # is far above that: the original model against this file's plain latent cache is KL MEASURE
+    # measured: floor 0.0062, latent vs dense 0.0049 (rebuilt keys and lifted values round in another
+    # order, and Gemma's large activations amplify it; three latent layers of eighteen). Any real
+    # difference between the two paths is far above that: the original model against this file's
+    # plain latent cache is KL 0.22
     assert got < 3 * floor
 
 
@@ -107,5 +108,7 @@ def test_exact_window_recovers_the_original(gemma) -> None:
     original = logits_of(gemma["src"], tokens)
     hybrid = mean_kl(original, logits_of(gemma["lorc"], tokens))
     plain = mean_kl(original, logits_of(gemma["lorc"], tokens, **PLAIN))
-    print(f"KL hybrid {hybrid:.4f} plain {plain:.4f}")
-    assert hybrid < 0.25 * plain
+    # measured: 0.0059 against 0.22, the exact window taking out 97% of the divergence (at f32 the
+    # hybrid is 0.0051, below the original's own f16-vs-f32 floor of 0.0062). A runtime that fell
+    # back to the plain cache, as it did for sliding-window models before, gives the same 0.22
+    assert hybrid < 0.1 * plain

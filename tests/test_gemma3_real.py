@@ -60,7 +60,7 @@ def test_defaults_on_a_sliding_window_model(gemma) -> None:
     assert any("ranks go to its 3 global layers" in n for n in gemma["notices"])
     fields = FastGGUFReader(gemma["lorc"]).fields
     assert fields[keys.KEY_SINK_TOKENS].contents() == keys.DEFAULT_SINK_TOKENS
-    assert fields[keys.KEY_RECENT_WINDOW].contents() == keys.DEFAULT_RECENT_WINDOW
+    assert fields[keys.KEY_RECENT_WINDOW].contents() == 512  # the model's own window (wider than the default 384)
     key_rank = fields["gemma3.attention.lorc_key_rank"].contents()
     value_rank = fields["gemma3.attention.lorc_value_rank"].contents()
     for il in range(18):

@@ -42,7 +42,7 @@ def convert_parser() -> argparse.ArgumentParser:
                            "\"value_rank\": [...]} (a previous report works)")
     ap.add_argument("--ratio", type=float, default=0.5,
                     help="kept fraction of the KV cache width summed over layers, K and V together "
-                         "(default 0.5)")
+                         "(default 0.5); with sliding windows over the global layers, the others staying dense")
     ap.add_argument("--key-ratio", type=float, help="separate budget for K (overrides --ratio for K)")
     ap.add_argument("--value-ratio", type=float, help="separate budget for V (overrides --ratio for V)")
     ap.add_argument("--values-only", action="store_true",
@@ -58,12 +58,11 @@ def convert_parser() -> argparse.ArgumentParser:
                          "--sink-tokens/--recent-window). Measured far worse than the defaults (README)")
     ap.add_argument("--sink-tokens", type=int, default=None, metavar="S",
                     help="exact sinks: the first S positions are attended through exact K/V (keeps the dense "
-                         f"attn_k/attn_v in the file; default {keys.DEFAULT_SINK_TOKENS}, 0 with --data-free "
-                         "or for sliding-window models)")
+                         f"attn_k/attn_v in the file; default {keys.DEFAULT_SINK_TOKENS}, 0 with --data-free)")
     ap.add_argument("--recent-window", type=int, default=None, metavar="W",
                     help="exact window: the last W positions are attended through exact K/V (default "
-                         f"{keys.DEFAULT_RECENT_WINDOW}, 0 with --data-free or for sliding-window models; the "
-                         "runtime can override both at load time)")
+                         f"{keys.DEFAULT_RECENT_WINDOW}, or a sliding-window model's own window if wider; 0 with --data-free; "
+                         "the runtime can override both at load time)")
     ap.add_argument("--decode-top-k", type=int, default=0, metavar="K",
                     help="selective reconstruction by default: a decoded token rebuilds only the K latent keys "
                          "per layer that score best in latent space (default 0 = every key; the runtime's "
@@ -97,7 +96,7 @@ def convert_parser() -> argparse.ArgumentParser:
     aw.add_argument("--sink-weight", type=float, default=None, metavar="A",
                     help="weight of the calibration chunks' first-position inputs (where attention sinks form) in "
                          "the whitening, relative to all other inputs together (default 1 when the file has no exact "
-                         "sink cells, e.g. sliding-window models or --sink-tokens 0; else 0)")
+                         "sink cells, e.g. --sink-tokens 0; else 0)")
     aw.add_argument("--center", action="store_true",
                     help="factorize the centered covariance and fold (W - up.down) E[x] into the K/V bias "
                          "(off by default: it made SmolLM2 worse, the attention-sink token is far from the mean)")

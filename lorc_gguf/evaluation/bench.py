@@ -83,9 +83,10 @@ def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequ
     return configs
 
 
-def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[float, float]:
+def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[float, float, int]:
     """(prefill seconds for ``n_ctx`` tokens, decode seconds for ``n_decode`` single-token calls at
-    depth ``n_ctx - n_decode``)."""
+    depth ``n_ctx - n_decode``, the bytes of the n_ctx-token sequence's serialized state: every
+    cell its caches hold, 12 bytes of metadata each, and a header)."""
     session.clear()
     tokens = list(prompt[:n_ctx])
     t0 = time.perf_counter()
@@ -100,8 +101,9 @@ def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[
     for i in range(n_decode):
         decode_tokens(session, [tokens[depth + i]], depth + i)
     t3 = time.perf_counter()
+    state = session.seq_state_size(0)
     session.clear()
-    return t1 - t0, t3 - t2
+    return t1 - t0, t3 - t2, state
 
 
 def _prompt(session, n: int) -> list[int]:
@@ -140,11 +142,12 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                 if c.label not in kv:
                     kv[c.label] = measure_kv_bytes(s, p)
             times: dict[str, list[tuple[float, float]]] = {c.label: [] for c in configs}
+            state: dict[str, int] = {}
             for r in range(repeats):
                 k = r % len(configs)
                 order = list(range(len(configs)))[k:] + list(range(len(configs)))[:k]
                 for i in order:
-                    pf, dec = measure(sessions[i], prompts[i], n_ctx, decode_tokens_n)
+                    pf, dec, state[configs[i].label] = measure(sessions[i], prompts[i], n_ctx, decode_tokens_n)
                     times[configs[i].label].append((pf, dec))
                     if log:
                         log(f"ctx {n_ctx} repeat {r + 1}/{repeats} {configs[i].label}: "
@@ -159,7 +162,8 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                             "decode_tokens": decode_tokens_n, "decode_depth": n_ctx - decode_tokens_n,
                             "prefill_s": pf, "decode_s": dec,
                             "prefill_tps": n_ctx / statistics.median(pf),
-                            "decode_tps": decode_tokens_n / statistics.median(dec)})
+                            "decode_tps": decode_tokens_n / statistics.median(dec),
+                            "state_bytes": state[c.label]})
     machine["loadavg_end"] = list(os.getloadavg())
     config_rows = []
     for c in configs:
@@ -188,7 +192,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
 def format_bench(report: dict[str, Any]) -> str:
     contexts = report["settings"]["contexts"]
     by = {(r["config"], r["n_ctx"]): r for r in report["results"]}
-    head = ["config", "cache", "KV B/tok", "ratio", "exact"] + [f"pp/tg @{c}" for c in contexts]
+    head = ["config", "cache", "KV B/tok", "ratio", "exact"] + [f"pp/tg @{c}" for c in contexts] + [f"MiB @{contexts[-1]}"]
     budget = report["settings"].get("budget_mib")
     if budget is not None:
         head.append(f"ctx in {budget:g} MiB")
@@ -201,6 +205,8 @@ def format_bench(report: dict[str, Any]) -> str:
         for n in contexts:
             r = by[(c["label"], n)]
             row.append(f"{r['prefill_tps']:.0f}/{r['decode_tps']:.1f}")
+        last = by[(c["label"], contexts[-1])]
+        row.append(f"{last['state_bytes'] / MIB:.1f}" if "state_bytes" in last else "-")
         if budget is not None:
             row.append(str(c["budget_ctx"]))
         rows.append(row)
@@ -210,4 +216,5 @@ def format_bench(report: dict[str, Any]) -> str:
             f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}),"
             f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
             f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
-            f"(sinks + window), not in KV B/tok")
+            f"(sinks + window), not in KV B/tok; MiB = the serialized state of one sequence at the largest context "
+            f"(every cell held for it, swa_full off)")

@@ -57,7 +57,9 @@ class ModelConfig:
         return k if k == v else f"{k}/{v}"
 
     def params(self, n_ctx: int, n_batch: int, threads: int, n_seq_max: int = 1) -> SessionParams:
-        return SessionParams(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max,
+        # swa_full off, as llama.cpp's programs run: sliding-window layers keep their window and a
+        # ubatch of cells, not the context (no effect on models without sliding windows)
+        return SessionParams(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max, swa_full=False,
                              flash_attn=self.fa, cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
                              n_threads=threads, lorc_sink_tokens=self.lorc_sink_tokens,
                              lorc_recent_window=self.lorc_recent_window, lorc_top_k=self.lorc_top_k)

@@ -112,3 +112,9 @@ def test_exact_window_recovers_the_original(gemma) -> None:
     # (at f32 the hybrid is 0.0049, below the original's own f16-vs-f32 floor of 0.0062). A runtime
     # that fell back to the plain cache, as it did for sliding-window models before, gives the same 0.22
     assert hybrid < 0.1 * plain
+
+
+def test_tools_name_the_embedded_model() -> None:
+    from lorc_gguf.evaluation.configs import resolve_model_path
+
+    assert resolve_model_path("gemma3") == gemma3_path()

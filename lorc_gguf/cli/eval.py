@@ -25,7 +25,7 @@ def eval_parser():
                "SmolLM2-135M-Instruct. The first model is the baseline. Example: "
                "eval.py smollm2 smollm2@q8_0 smollm2@q4_0 lorc.gguf")
     ap.add_argument("models", nargs="*", metavar="MODEL", default=[SMOLLM2_ALIAS],
-                    help="models to evaluate (default: smollm2)")
+                    help="models to evaluate (default: smollm2; gemma3 names the embedded Gemma-3-270M)")
     ap.add_argument("--text", metavar="TEXT,...",
                     help="comma-separated evaluation texts: built-in domains (news, drama: never in the "
                          "calibration text; docs: the pydoc half disjoint from the calibration half) or UTF-8 "

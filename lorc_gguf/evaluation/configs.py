@@ -16,16 +16,22 @@ from ..runtime.library import silence_llama_logs
 from ..runtime.session import CACHE_TYPES, Session, SessionParams
 
 SMOLLM2_ALIAS = "smollm2"
+GEMMA3_ALIAS = "gemma3"
 QUANTIZED_CACHE_TYPES = tuple(t for t in CACHE_TYPES if t.startswith("q"))
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
 
 
 def resolve_model_path(name: str | os.PathLike[str]) -> Path:
-    """A model path; ``smollm2`` names the embedded SmolLM2-135M-Instruct GGUF."""
+    """A model path; ``smollm2`` names the embedded SmolLM2-135M-Instruct GGUF, ``gemma3`` the
+    embedded Gemma-3-270M (assembled once into ~/.cache)."""
     if str(name) == SMOLLM2_ALIAS:
         from ..models import smollm2_path
 
         return smollm2_path()
+    if str(name) == GEMMA3_ALIAS:
+        from ..models import gemma3_path
+
+        return gemma3_path()
     p = Path(name)
     if not p.is_file():
         raise LorcError(f"model not found: {p}")

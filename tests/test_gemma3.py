@@ -185,21 +185,24 @@ def test_all_global_latent_matches_dense_equivalent(models) -> None:
     close(got, logits_of(models["dense-global"], tokens, **F32))
 
 
-def test_hybrid_cache_with_qk_norm(models) -> None:
-    """Hybrid cache, all-global variant: a query whose every cell lies in the recent window sees
-    exact keys only (the exact store's keys are normed and roped like the dense model's), so the
-    first WINDOW rows equal the original; later rows mix both stores and lie between the original
-    and the plain latent path."""
-    tokens = prompt(80, seed=6)
-    original = logits_of(models["original-global"], tokens, **F32)
-    hybrid = logits_of(models["lorc-global"], tokens, **F32)
-    plain = logits_of(models["lorc-global"], tokens, **PLAIN, **F32)
-    close(hybrid[:WINDOW], original[:WINDOW])
-    assert far(plain[:WINDOW], original[:WINDOW])
+def check_exact_window(original: Path, lorc: Path, tokens: list[int]) -> None:
+    """A query whose every cell lies in the recent window sees exact keys only (the exact store's
+    keys are normed and roped like the dense model's), so the first WINDOW rows equal the original;
+    later rows mix both stores and lie between the original and the plain latent path; a window
+    covering everything is the original model."""
+    ref = logits_of(original, tokens, **F32)
+    hybrid = logits_of(lorc, tokens, **F32)
+    plain = logits_of(lorc, tokens, **PLAIN, **F32)
+    close(hybrid[:WINDOW], ref[:WINDOW])
+    assert far(plain[:WINDOW], ref[:WINDOW])
     late = slice(2 * WINDOW, None)
-    assert mean_kl(original[late], hybrid[late]) < mean_kl(original[late], plain[late])
-    # a window covering everything: the original model
-    close(logits_of(models["lorc-global"], tokens, lorc_sink_tokens=0, lorc_recent_window=256, **F32), original)
+    assert mean_kl(ref[late], hybrid[late]) < mean_kl(ref[late], plain[late])
+    close(logits_of(lorc, tokens, lorc_sink_tokens=0, lorc_recent_window=256, **F32), ref)
+
+
+def test_hybrid_cache_with_qk_norm(models) -> None:
+    """Hybrid cache, all-global variant (see check_exact_window)."""
+    check_exact_window(models["original-global"], models["lorc-global"], prompt(80, seed=6))
 
 
 @pytest.mark.parametrize("variant", ["swa", "global"])
@@ -217,18 +220,9 @@ def test_kv_bytes_are_half(models, variant: str) -> None:
 
 def test_hybrid_cache_with_sliding_windows(models) -> None:
     """The exact sinks and window on the global layer, the sliding-window layers dense in a store of
-    their own: a query whose cells all lie in the recent window sees exact keys only, so the first
-    WINDOW rows equal the original; later rows lie between the original and the plain latent path
-    (the iswa pair); a window covering everything is the original model."""
-    tokens = prompt(96, seed=11)
-    original = logits_of(models["original-swa"], tokens, **F32)
-    hybrid = logits_of(models["hybrid-swa"], tokens, **F32)
-    plain = logits_of(models["hybrid-swa"], tokens, **PLAIN, **F32)
-    close(hybrid[:WINDOW], original[:WINDOW])
-    assert far(plain[:WINDOW], original[:WINDOW])
-    late = slice(2 * WINDOW, None)
-    assert mean_kl(original[late], hybrid[late]) < mean_kl(original[late], plain[late])
-    close(logits_of(models["hybrid-swa"], tokens, lorc_sink_tokens=0, lorc_recent_window=256, **F32), original)
+    their own: the same rules as without sliding windows (check_exact_window), the plain latent
+    path being the iswa pair's."""
+    check_exact_window(models["original-swa"], models["hybrid-swa"], prompt(96, seed=11))
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])

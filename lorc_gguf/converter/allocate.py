@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,9 +109,14 @@ class Allocation:
 
     def over(self, layers: Sequence[int]) -> Allocation:
         """The same ranks on ``layers`` only (fractions of the layers a rule allocated)."""
-        pick = lambda values: tuple(values[il] for il in layers)  # noqa: E731
-        return Allocation(method=self.method, key_rank=pick(self.key_rank), value_rank=pick(self.value_rank),
-                          key_width=pick(self.key_width), value_width=pick(self.value_width))
+        return Allocation(method=self.method, key_rank=on_layers(self.key_rank, layers),
+                          value_rank=on_layers(self.value_rank, layers), key_width=on_layers(self.key_width, layers),
+                          value_width=on_layers(self.value_width, layers))
+
+
+def on_layers(values: Sequence[Any], layers: Sequence[int]) -> tuple[Any, ...]:
+    """The per-layer ``values`` of ``layers``, in their order."""
+    return tuple(values[il] for il in layers)
 
 
 # --- ratios and budgets ------------------------------------------------------------------------

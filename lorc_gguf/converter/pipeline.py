@@ -227,8 +227,8 @@ def _allocate(model: SourceModel, spectra: Spectra, options: ConvertOptions,
         return allocate.explicit(key, value, kw, vw)
     # the rule runs on the layers it allocates (j = their index there); the others keep their width
     layers = factorized_layers(shape)
-    pick = lambda values: tuple(values[il] for il in layers)  # noqa: E731
-    sub = _allocate_rule(model, spectra, options, weighting, layers, pick(kw), pick(vw))
+    sub = _allocate_rule(model, spectra, options, weighting, layers, allocate.on_layers(kw, layers),
+                         allocate.on_layers(vw, layers))
     key, value = list(kw), list(vw)
     for j, il in enumerate(layers):
         key[il], value[il] = sub.key_rank[j], sub.value_rank[j]
@@ -255,8 +255,8 @@ def _allocate_rule(model: SourceModel, spectra: Spectra, options: ConvertOptions
         layer_weight = aware.progressive_weights(kappa, aware.PROGRESSIVE_STRENGTH) if calibrated_progressive else None
         return aware.sensitivity(curves, kw, vw, value_weight=options.value_weight, layer_weight=layer_weight,
                                  method=options.allocation, **budget)
-    return allocate.progressive([spectra.key_condition[il] for il in layers],
-                                [spectra.value_condition[il] for il in layers], kw, vw, **budget)
+    return allocate.progressive(allocate.on_layers(spectra.key_condition, layers),
+                                allocate.on_layers(spectra.value_condition, layers), kw, vw, **budget)
 
 
 class _Stages:

@@ -49,8 +49,8 @@ def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> KvBytes:
     its exact store grows and then stops at sinks + window: the per-token figure is measured on the
     same file as a plain latent cache (0/0 settings), and the exact cells, full-width K and V of
     every global layer in the session's cache types, are reported per sequence. Sliding-window
-    layers grow with the probe too (it is shorter than their window): for such models see
-    ``sequence_state_bytes``."""
+    layers grow with the probe too (it is shorter than their window): for such models the tools
+    read a whole sequence's state instead (``Session.seq_state_size`` with swa_full off)."""
     probe = list(tokens[:min(KV_PROBE_TOKENS, session.params.n_ctx)])
     sinks, window = hybrid_in_effect(session.path, session.params.lorc_sink_tokens, session.params.lorc_recent_window)
     if not sinks + window:
@@ -64,12 +64,3 @@ def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> KvBytes:
                                   info["value_width"] * _cache_bytes_per_value(session.params.cache_type_v))
     return KvBytes(latent, latent - CELL_METADATA_BYTES, sinks + window, per_cell)
 
-
-def sequence_state_bytes(session: Session, tokens: Sequence[int]) -> int:
-    """What one sequence of ``tokens`` occupies in the runtime's caches, measured: its serialized
-    state (the K/V rows of every cell held for it, 12 bytes of metadata per cell and a header of a
-    few hundred bytes), in a context of the session's settings with ``swa_full`` off, as llama.cpp's
-    programs run: sliding-window layers then hold their window and a ubatch, not the sequence."""
-    with Session(session.path, replace(session.params, swa_full=False, n_ctx=max(session.params.n_ctx, len(tokens)))) as s:
-        s.decode_seq(tokens, logits=False)
-        return s.seq_state_size(0)

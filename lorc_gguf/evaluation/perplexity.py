@@ -26,7 +26,7 @@ from ..runtime.decoding import bos_token, decode_tokens
 from ..runtime.session import Session
 from ..runtime.tokens import make_chunks
 from .configs import ModelConfig, default_threads, open_session
-from .kv import measure_kv_bytes, sequence_state_bytes
+from .kv import measure_kv_bytes
 from .machine import machine_info, versions
 from .metrics import kl_rows, log_softmax, mean_se
 from .tables import table
@@ -84,14 +84,17 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
             tokens = s.tokenize(text, add_bos=False)
             chunks = make_chunks(tokens, ctx, bos_token(s), n_chunks).tolist()
             kv = measure_kv_bytes(s, chunks[0])
-            # sliding-window layers hold their window, not the context: measured whole
-            at_ctx = (sequence_state_bytes(s, chunks[0]) if gguf_info(config.path)["sliding_window"]
-                      else kv.sequence_bytes(ctx))
+            at_ctx = kv.sequence_bytes(ctx)
+            sliding = bool(gguf_info(config.path)["sliding_window"])
             same_tokens = base_tokens is None or tokens[:len(chunks) * ctx] == base_tokens
             scores = _Scores()
             for c, chunk in enumerate(chunks):
                 s.clear()
                 logits = decode_chunk(s, chunk, first, decode_tail)[:-1]  # rows j = first..ctx-2
+                if c == 0 and sliding:
+                    # sliding-window layers hold their window, not the context (the session runs
+                    # with swa_full off): the first chunk's state, every cell held for it, measured
+                    at_ctx = s.seq_state_size(0)
                 lp = log_softmax(logits)
                 targets = np.asarray(chunk[first + 1:])
                 scores.nll.append(-lp[np.arange(len(targets)), targets])

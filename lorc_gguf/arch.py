@@ -78,9 +78,6 @@ class Architecture:
     rope_neox: ClassVar[bool] = False  # llama.cpp's rope type for the architecture (llama_model_rope_type)
     # the class of ``calibration.forward`` that computes the architecture in numpy
     forward: ClassVar[str] = "LlamaForward"
-    # an RMS norm on every key head before RoPE: the runtime's latent-space score for selective
-    # reconstruction (lorc.decode_top_k) cannot include it, so top-k has no effect there
-    key_norm: ClassVar[bool] = False
     # sliding-window models: every n-th layer is global when the file has no
     # ``{arch}.attention.sliding_window_pattern`` (llama.cpp's load_swa_pattern default)
     swa_period: ClassVar[int] = 0
@@ -184,7 +181,6 @@ class Gemma3(Architecture):
     name = "gemma3"
     rope_neox = True
     forward = "Gemma3Forward"
-    key_norm = True
     swa_period = 6  # llama_model_gemma3: load_swa_pattern(ml, 6)
 
 

@@ -69,7 +69,8 @@ def make_models(d: Path, arch_originals: dict[str, Path] | None = None) -> dict[
     out["plain-wide"] = d / "plain-wide.gguf"
     for name, src, hybrid in (("plain", "original", False), ("hybrid", "original", True),
                               ("qwen2", "qwen2-original", True), ("gemma3-swa", "gemma3-swa-original", False),
-                              ("gemma3-global", "gemma3-global-original", True)):
+                              ("gemma3-global", "gemma3-global-original", True),
+                              ("gemma3-swa-hybrid", "gemma3-swa-original", True)):
         out[name] = d / f"{name}.gguf"
         extra = dict(sink_tokens=SINKS, recent_window=WINDOW) if hybrid else {}
         convert(out[src], out[name], **extra, **common)
@@ -101,11 +102,17 @@ CASES: dict[str, tuple[str, dict]] = {
     "gemma3-swa-latent": ("gemma3-swa", {}),
     "gemma3-global-dense": ("gemma3-global-original", {}),
     "gemma3-global-hybrid": ("gemma3-global", HYBRID),
+    # QK-norm selection (latent rows at unit key rms), and the exact window beside the sliding-window
+    # layers' own store, with and without selection
+    "gemma3-global-top-k": ("gemma3-global", dict(HYBRID, lorc_top_k=FEW)),
+    "gemma3-swa-hybrid": ("gemma3-swa-hybrid", HYBRID),
+    "gemma3-swa-hybrid-top-k": ("gemma3-swa-hybrid", dict(HYBRID, lorc_top_k=FEW)),
 }
 DENSE_OF = {"latent": "dense", "latent-fa": "dense-fa", "latent-fa-wide": "dense-fa", "latent-q8_0": "dense-q8_0", "hybrid": "dense",
             "hybrid-blocks": "dense", "top-k": "dense", "hybrid-top-k": "dense", "qwen2-latent": "qwen2-dense",
             "qwen2-hybrid": "qwen2-dense", "gemma3-swa-latent": "gemma3-swa-dense",
-            "gemma3-global-hybrid": "gemma3-global-dense"}
+            "gemma3-global-hybrid": "gemma3-global-dense", "gemma3-global-top-k": "gemma3-global-dense",
+            "gemma3-swa-hybrid": "gemma3-swa-dense", "gemma3-swa-hybrid-top-k": "gemma3-swa-dense"}
 LORC_CASES = [c for c in CASES if c in DENSE_OF]
 DENSE_CASES = [c for c in CASES if c not in DENSE_OF]
 

@@ -285,6 +285,8 @@ def test_defaults_give_a_sliding_window_model_the_exact_window(models, tmp_path)
     reader = FastGGUFReader(out)
     assert reader.fields[constants.KEY_SINK_TOKENS].contents() == constants.DEFAULT_SINK_TOKENS
     assert reader.fields[constants.KEY_RECENT_WINDOW].contents() == constants.DEFAULT_RECENT_WINDOW
+    # selective reconstruction on by default for a sliding-window model's global layers
+    assert reader.fields[constants.KEY_DECODE_TOP_K].contents() == constants.DEFAULT_DECODE_TOP_K_SWA
     key_rank = reader.fields["gemma3.attention.lorc_key_rank"].contents()
     value_rank = reader.fields["gemma3.attention.lorc_value_rank"].contents()
     for il in range(N_LAYER):
@@ -327,3 +329,22 @@ def test_calibrated_conversion(models, tmp_path) -> None:
     tokens = prompt(64, seed=10)
     dense = write_dense_equivalent(out, tmp_path / "calibrated-dense.gguf")
     close(logits_of(out, tokens, **PLAIN, **F32), logits_of(dense, tokens, **F32))
+
+
+def decode_steps(path: Path, tokens: list[int], n_prompt: int, **kw) -> np.ndarray:
+    """The logits of tokens[n_prompt:] decoded one token per llama_decode, as generation runs"""
+    with Session(path, params(n_ctx=512, **kw)) as s:
+        s.decode_seq(tokens[:n_prompt], logits=False)
+        return np.concatenate([s.decode([(tokens[i], i, 0)]) for i in range(n_prompt, len(tokens))])
+
+
+@pytest.mark.parametrize("name,settings", [("lorc-global", PLAIN), ("hybrid-swa", {}), ("hybrid-swa-latent", {})])
+def test_selective_reconstruction_with_qk_norm(models, name: str, settings: dict) -> None:
+    """Selective reconstruction runs on QK-norm models (its latent score needs the key norm: latent
+    rows are stored at unit key rms and the query takes the norm's gain). Selecting every visible cell
+    is the full path; a few cells change decoding. n_ctx 512 pads the attended cells to 256, so
+    k = 200 runs the selection path over more cells than the 72 visible ones."""
+    tokens = prompt(72, seed=16)
+    full = decode_steps(models[name], tokens, 48, lorc_top_k=0, **settings, **F32)
+    close(decode_steps(models[name], tokens, 48, lorc_top_k=200, **settings, **F32), full)
+    assert far(decode_steps(models[name], tokens, 48, lorc_top_k=4, **settings, **F32), full)

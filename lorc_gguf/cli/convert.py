@@ -63,10 +63,11 @@ def convert_parser() -> argparse.ArgumentParser:
                     help="exact window: the last W positions are attended through exact K/V (default "
                          f"{keys.DEFAULT_RECENT_WINDOW}, or a sliding-window model's own window if wider; 0 with --data-free; "
                          "the runtime can override both at load time)")
-    ap.add_argument("--decode-top-k", type=int, default=0, metavar="K",
+    ap.add_argument("--decode-top-k", type=int, default=None, metavar="K",
                     help="selective reconstruction by default: a decoded token rebuilds only the K latent keys "
-                         "per layer that score best in latent space (default 0 = every key; the runtime's "
-                         "context parameter lorc_top_k overrides it). A wider --recent-window lets a smaller K keep quality")
+                         "per layer that score best in latent space (0 = every key; default %d on sliding-window "
+                         "models with the exact window, else 0; the runtime's context parameter lorc_top_k "
+                         "overrides it). A wider --recent-window lets a smaller K keep quality" % keys.DEFAULT_DECODE_TOP_K_SWA)
     aw = ap.add_argument_group("activation-aware factorization (minimise the K/V output error on real inputs)")
     aw.add_argument("--method", choices=list(aware.METHODS),
                     help="svd-whiten (default): SVD of W*L, L L^T = E[x x^T] + ridge, on --calibration statistics. "

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .. import corpus
-from ..arch import SIDES, Architecture, ModelShape, Side
+from ..arch import SIDES, ModelShape, Side
 from ..calibration import AUTO, BACKENDS, DEFAULT_CALIB_TOKENS, CalibrationStats
 from ..errors import LorcError
 from ..format import keys
@@ -94,8 +94,9 @@ class ConvertOptions:
     sink_tokens: int | None = None
     recent_window: int | None = None
     # selective reconstruction (runtime): a decoded token rebuilds only this many latent keys per
-    # layer, those scoring best in latent space (0 = every key)
-    decode_top_k: int = 0
+    # layer, those scoring best in latent space (0 = every key). None: keys.DEFAULT_DECODE_TOP_K_SWA
+    # for a sliding-window model with the exact window, else 0
+    decode_top_k: int | None = None
 
     def validated(self) -> ConvertOptions:
         allocation = allocate.EXPLICIT if self.ranks is not None else self.allocation
@@ -117,7 +118,7 @@ class ConvertOptions:
                             f"--rank-multiple {self.rank_multiple} is not one")
         for name, value in (("sink tokens", self.sink_tokens), ("recent window", self.recent_window),
                             ("decode top-k", self.decode_top_k)):
-            if value is None and name != "decode top-k":
+            if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
                 raise LorcError(f"{name} must be an integer in [0, 1000000], got {value!r}")
@@ -180,8 +181,15 @@ class ConvertOptions:
             # with sliding windows, at least the model's own window: Gemma-3-270M at ctx 2048, news /
             # drama, W = 384 +2.1% / +1.0%, its window 512 +1.6% / +0.9% (README)
             sink, window = keys.DEFAULT_SINK_TOKENS, max(keys.DEFAULT_RECENT_WINDOW, shape.sliding_window)
-        return replace(self, sink_tokens=sink if self.sink_tokens is None else self.sink_tokens,
-                       recent_window=window if self.recent_window is None else self.recent_window)._with_sink_weight()
+        resolved = replace(self, sink_tokens=sink if self.sink_tokens is None else self.sink_tokens,
+                           recent_window=window if self.recent_window is None else self.recent_window)
+        if resolved.decode_top_k is None:
+            # the global layers of a sliding-window model read their latent cells through selection:
+            # Gemma-3-270M, window 512, k = 128 within noise of every key rebuilt (README)
+            hybrid = resolved.sink_tokens > 0 or resolved.recent_window > 0
+            top_k = keys.DEFAULT_DECODE_TOP_K_SWA if shape.sliding_window and hybrid else 0
+            resolved = replace(resolved, decode_top_k=top_k)
+        return resolved._with_sink_weight()
 
     def _with_sink_weight(self) -> ConvertOptions:
         """The sink weight resolved once the exact cells are: the factorization carries the sinks
@@ -301,15 +309,12 @@ def _ratio_notices(allocation: Allocation, options: ConvertOptions) -> list[str]
             f"{options.rank_multiple}" for what, want, got in checks if abs(got - want) > RATIO_NOTICE_TOLERANCE]
 
 
-def _top_k_notices(architecture: Architecture, allocation: Allocation, options: ConvertOptions) -> list[str]:
+def _top_k_notices(allocation: Allocation, options: ConvertOptions) -> list[str]:
     # written anyway: the file still says what it was made for, and the runtime ignores it alike
     if options.decode_top_k == 0:
         return []
     if all(r >= w for r, w in zip(allocation.key_rank, allocation.key_width)):
         return ["--decode-top-k has no effect on this file: no layer's keys are latent"]
-    if architecture.key_norm:
-        return [f"--decode-top-k has no effect on {architecture.name}: the runtime's latent-space score "
-                "ignores the key norm"]
     return []
 
 
@@ -596,7 +601,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
                    f"layers (the ratio is theirs); its {model.shape.n_layer - len(layers)} sliding-window layers keep "
                    "dense K/V, their cache bounded by the window")
         for msg in (_ratio_notices(allocation.over(layers), opts)
-                    + _top_k_notices(model.architecture, allocation, opts)):
+                    + _top_k_notices(allocation, opts)):
             notice(msg)
 
         errors: dict[tuple[Side, int], float] = {}

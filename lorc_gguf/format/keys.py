@@ -47,6 +47,10 @@ MIN_RANK = 32
 # 384 is the narrowest window measured within +3% of the original at ctx 2048 on every held-out text
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_RECENT_WINDOW = 384
+# Selective reconstruction (lorc.decode_top_k) of a sliding-window model's file with the exact window
+# (window >= the model's own): measured on Gemma-3-270M (README, "Gemma-3-270M"); other files
+# rebuild every key unless told (0)
+DEFAULT_DECODE_TOP_K_SWA = 128
 
 # --- files beside a GGUF -----------------------------------------------------------------------
 # the conversion's JSON report (ranks and the kappa profile, which the GGUF does not carry)

@@ -97,3 +97,19 @@ def test_vulkan_headers_are_judged_by_what_ggml_vulkan_uses(tmp_path):
     assert build.vulkan_cmake_args(new, log=lambda m: None) == [f"-DVulkan_INCLUDE_DIR={new}"]
     with pytest.raises(build.BuildError, match=r"too old.*\(239\).*--fetch-vulkan-headers"):
         build.vulkan_cmake_args(old, log=lambda m: None)
+
+
+def test_cuda_builds_without_the_driver_library_where_there_is_none(tmp_path, monkeypatch):
+    # a toolkit without libcuda.so (no GPU driver, no link stub, as on the machines without a GPU):
+    # ggml-cuda's VMM pool would need CUDA::cuda_driver, so the legacy pool is built
+    monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: type("P", (), {"stdout": ""})())
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    wrapper = tmp_path / "nvcc"  # a wrapper script naming the real nvcc, as /usr/local/bin/nvcc here
+    wrapper.write_text(f"#!/bin/sh\nexec {nvcc} \"$@\"\n")
+    assert not build.has_cuda_driver_library(nvcc) and not build.has_cuda_driver_library(wrapper)
+    (toolkit / "lib64" / "stubs").mkdir(parents=True)
+    (toolkit / "lib64" / "stubs" / "libcuda.so").write_text("")
+    assert build.has_cuda_driver_library(nvcc) and build.has_cuda_driver_library(wrapper)

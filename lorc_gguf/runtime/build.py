@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,7 +266,32 @@ def cuda_cmake_args(arch: str | None) -> list[str]:
     nvcc = shutil.which("nvcc") or next((str(p) for p in (Path("/usr/local/cuda/bin/nvcc"),) if p.exists()), None)
     if nvcc is None:
         raise BuildError("the CUDA build needs nvcc: install the CUDA toolkit and put its bin folder on PATH")
-    return [f"-DCMAKE_CUDA_COMPILER={nvcc}", *([f"-DCMAKE_CUDA_ARCHITECTURES={arch}"] if arch else [])]
+    args = [f"-DCMAKE_CUDA_COMPILER={nvcc}", *([f"-DCMAKE_CUDA_ARCHITECTURES={arch}"] if arch else [])]
+    if not has_cuda_driver_library(Path(nvcc)):
+        # ggml-cuda links the driver library for its virtual-memory pool; without it (a machine with
+        # the toolkit but neither a GPU driver nor the toolkit's stubs) the legacy pool builds
+        args.append("-DGGML_CUDA_NO_VMM=ON")
+    return args
+
+
+def has_cuda_driver_library(nvcc: Path) -> bool:
+    """Whether CMake's CUDA::cuda_driver can be found: libcuda.so from a driver (ldconfig) or the
+    toolkit's link stub (lib64/stubs), the toolkit found from nvcc (resolving wrapper scripts)."""
+    roots = {nvcc.resolve().parent.parent}
+    try:
+        text = nvcc.read_text(errors="replace") if nvcc.stat().st_size < 4096 else ""
+    except OSError:
+        text = ""
+    roots |= {Path(m).parent.parent for m in re.findall(r"(/\S+/bin/nvcc)", text)}
+    for root in roots:
+        for lib in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            if any((root / lib / sub / "libcuda.so").exists() for sub in ("", "stubs")):
+                return True
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        out = ""
+    return "libcuda.so" in out
 
 
 # --- Vulkan -------------------------------------------------------------------------------------

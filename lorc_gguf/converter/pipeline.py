@@ -94,8 +94,8 @@ class ConvertOptions:
     sink_tokens: int | None = None
     recent_window: int | None = None
     # selective reconstruction (runtime): a decoded token rebuilds only this many latent keys per
-    # layer, those scoring best in latent space (0 = every key). None: keys.DEFAULT_DECODE_TOP_K_SWA
-    # for a sliding-window model with the exact window, else 0
+    # layer, those scoring best in latent space (0 = every key). None: by the exact window
+    # (keys.default_decode_top_k), 0 without one
     decode_top_k: int | None = None
 
     def validated(self) -> ConvertOptions:
@@ -181,15 +181,15 @@ class ConvertOptions:
             # with sliding windows, at least the model's own window: Gemma-3-270M at ctx 2048, news /
             # drama, W = 384 +2.1% / +1.0%, its window 512 +1.6% / +0.9% (README)
             sink, window = keys.DEFAULT_SINK_TOKENS, max(keys.DEFAULT_RECENT_WINDOW, shape.sliding_window)
-        resolved = replace(self, sink_tokens=sink if self.sink_tokens is None else self.sink_tokens,
-                           recent_window=window if self.recent_window is None else self.recent_window)
-        if resolved.decode_top_k is None:
-            # the global layers of a sliding-window model read their latent cells through selection:
-            # Gemma-3-270M, window 512, k = 128 within noise of every key rebuilt (README)
-            hybrid = resolved.sink_tokens > 0 or resolved.recent_window > 0
-            top_k = keys.DEFAULT_DECODE_TOP_K_SWA if shape.sliding_window and hybrid else 0
-            resolved = replace(resolved, decode_top_k=top_k)
-        return resolved._with_sink_weight()
+        return replace(self, sink_tokens=sink if self.sink_tokens is None else self.sink_tokens,
+                       recent_window=window if self.recent_window is None else self.recent_window)._with_sink_weight()
+
+    def top_k_for(self, allocation: Allocation) -> int:
+        """lorc.decode_top_k: as given, else by the exact window where some layer's keys are latent."""
+        if self.decode_top_k is not None:
+            return self.decode_top_k
+        latent_keys = any(r < w for r, w in zip(allocation.key_rank, allocation.key_width))
+        return keys.default_decode_top_k(self.recent_window or 0) if latent_keys else 0
 
     def _with_sink_weight(self) -> ConvertOptions:
         """The sink weight resolved once the exact cells are: the factorization carries the sinks
@@ -311,7 +311,7 @@ def _ratio_notices(allocation: Allocation, options: ConvertOptions) -> list[str]
 
 def _top_k_notices(allocation: Allocation, options: ConvertOptions) -> list[str]:
     # written anyway: the file still says what it was made for, and the runtime ignores it alike
-    if options.decode_top_k == 0:
+    if not options.decode_top_k:  # not given (the default is 0 without latent keys), or 0
         return []
     if all(r >= w for r, w in zip(allocation.key_rank, allocation.key_width)):
         return ["--decode-top-k has no effect on this file: no layer's keys are latent"]
@@ -609,7 +609,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         plan = _plan_tensors(model, allocation, qtype, errors, weighting, keep_dense=hybrid)
         metadata = copy_metadata(model.reader) + _lorc_metadata(model.shape.architecture, allocation, opts.method,
                                                                 opts.sink_tokens, opts.recent_window,
-                                                                opts.decode_top_k)
+                                                                opts.top_k_for(allocation))
         alignment = model.meta.get(gguf.Keys.General.ALIGNMENT)
         write_gguf(dst_path, model.shape.architecture, metadata, plan, alignment=alignment, progress=opts.progress)
         stages.done("factorize and write")

@@ -1,0 +1,179 @@
+"""How well selective reconstruction's selectors find the latent cells a decoded token attends.
+
+A numpy study, not a runtime path: for a llama-architecture LoRC file and its original, one chunk of
+text goes through the original's numpy forward (calibration.forward) up to the studied layers; each
+of the last ``queries`` positions then acts as a decoded token of a hybrid cache (``sink`` exact
+cells, an exact window of ``window``), and every selector picks k of the latent cells outside them.
+The measure is the attention mass a selector misses: the share of the softmax (over latent and exact
+cells, with the file's rebuilt and roped latent keys and the original's exact keys) that falls on
+latent cells it did not pick, averaged over heads and queries. Selectors:
+
+- ``cell``: the runtime's score (README, "Selective reconstruction"): per head the softmax of
+  c·(Bᵀq) over the rotary pairs slower than one radian in 256 positions, summed over heads;
+- ``chunk-mean``: chunks of ``chunk`` consecutive cells scored by their mean latent row (the
+  landmark of ShadowKV / xKV), the best k/chunk chunks taken whole;
+- ``chunk-bound``: chunks scored by the upper bound Σ max(q·max, q·min) of their rows (Quest);
+- ``two-stage-mean`` / ``two-stage-bound``: the chunk score keeps 4k cells' worth of chunks, then
+  the cell score picks k among them;
+- ``oracle``: the k cells with the most true attention mass (summed over heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..calibration.forward import _dequant, numpy_forward, rms_norm
+from ..errors import LorcError
+from ..format.read import FastGGUFReader, open_gguf
+
+SELECTORS = ("cell", "chunk-mean", "chunk-bound", "two-stage-mean", "two-stage-bound", "oracle")
+SCORE_SPAN = 256.0  # the runtime's LORC_SCORE_SPAN (patch 'graph : selective reconstruction ...')
+
+
+@dataclass
+class StudySettings:
+    n_ctx: int = 4096
+    queries: int = 32
+    sink: int = 4
+    window: int = 384
+    chunk: int = 8
+    ks: tuple[int, ...] = (64, 128, 256, 512)
+    layers: tuple[int, ...] = (2, 8, 14, 20, 26)
+
+
+def layer_inputs(original_path, tokens: list[int], layers: tuple[int, ...]) -> tuple[object, dict]:
+    """(the numpy forward, {layer: (weights, attn_norm output [T, n_embd], cos, sin)})."""
+    model = open_gguf(original_path)
+    if model.shape.architecture != "llama":
+        raise LorcError(f"the selection study computes llama files only, not {model.shape.architecture}")
+    fw = numpy_forward(model)
+    h = fw.embed(np.array([tokens]))
+    out = {}
+    for il in range(max(layers) + 1):
+        w = fw.layer(il)
+        cos, sin = fw.layer_rope_tables(il, len(tokens))
+        x = rms_norm(h, w.attn_norm, fw.eps)
+        if il in layers:
+            out[il] = (w, x[0], cos, sin)
+        h = fw.block(il, w, h, x, cos, sin)
+    return fw, out
+
+
+def _softmax_sum(scores: np.ndarray) -> np.ndarray:
+    """Per-head softmax over the last axis, summed over heads (axis 0)."""
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).sum(0)
+
+
+def _top(score: np.ndarray, k: int) -> np.ndarray:
+    return np.argpartition(-score, k)[:k]
+
+
+def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> dict[tuple[str, int], float]:
+    """Missed attention mass per (selector, k), and ("latent mass", 0): the latent cells' share."""
+    w, x, cos, sin = inputs
+    tensors = {t.name: t for t in lorc.tensors}
+    down = _dequant(tensors[f"blk.{il}.attn_k_down.weight"])  # [rank, n_embd]
+    up = _dequant(tensors[f"blk.{il}.attn_k_up.weight"])      # [n_embd_k_gqa, rank]
+    sh = fw.shape
+    n_head, hd = sh.n_head, sh.head_dim_k
+    n_kv = up.shape[0] // hd
+    group = n_head // n_kv
+    T = x.shape[0]
+    c = x @ down.T                                              # latent rows [T, rank]
+    k_lat = fw.rope((c @ up.T).reshape(1, T, n_kv, hd), cos, sin)[0]
+    k_exact = fw.rope(fw.keys(w, x[None]), cos, sin)[0]         # the file keeps attn_k for exact cells
+    q_pre = fw.queries(w, x[None])[0]                           # [T, n_head, hd]
+    q = fw.rope(q_pre[None], cos, sin)[0]
+    scale = fw.attention_scale()
+    # the slow rotary pairs (llama ropes pairs (2i, 2i+1)) and any unrotated dims
+    i0 = 0
+    while i0 < fw.n_rot // 2 and fw.rope_scale * fw.rope_base ** (-2.0 * i0 / fw.n_rot) * SCORE_SPAN >= 1.0:
+        i0 += 1
+    dims = np.arange(2 * i0, hd)
+    b_slow = up.reshape(n_kv, hd, -1)[:, dims]                  # [n_kv, dims, rank]
+    sums: dict[tuple[str, int], list[float]] = {}
+    for t in range(T - s.queries, T):
+        latent = np.arange(s.sink, t - s.window + 1)
+        exact = np.concatenate([np.arange(s.sink), np.arange(t - s.window + 1, t + 1)])
+        n_lat = len(latent)
+        kv = np.arange(n_head) // group
+        s_lat = np.einsum("hd,hnd->hn", q[t], k_lat[latent][:, kv].transpose(1, 0, 2)) * scale
+        s_ex = np.einsum("hd,hnd->hn", q[t], k_exact[exact][:, kv].transpose(1, 0, 2)) * scale
+        m = np.maximum(s_lat.max(1), s_ex.max(1))[:, None]
+        e_lat, e_ex = np.exp(s_lat - m), np.exp(s_ex - m)
+        weights = e_lat / (e_lat.sum(1) + e_ex.sum(1))[:, None]   # [n_head, n_lat]
+        q_lat = np.einsum("hdr,hd->hr", b_slow[kv], q_pre[t][:, dims]) * scale  # [n_head, rank]
+        cell = _softmax_sum(q_lat @ c[latent].T)
+        n_chunk = n_lat // s.chunk
+        rows = c[latent[:n_chunk * s.chunk]].reshape(n_chunk, s.chunk, -1)
+        chunk_mean = _softmax_sum(q_lat @ rows.mean(1).T)
+        hi, lo = rows.max(1), rows.min(1)
+        chunk_bound = _softmax_sum(np.maximum(q_lat[:, None] * hi[None], q_lat[:, None] * lo[None]).sum(-1))
+        tail = np.arange(n_chunk * s.chunk, n_lat)  # a partial last chunk: always scored per cell
+        mass = weights.sum(1).mean()
+        sums.setdefault(("latent mass", 0), []).append(mass)
+        for k in s.ks:
+            if k >= n_lat or k < s.chunk:
+                continue
+
+            def whole(chunks: np.ndarray) -> np.ndarray:
+                return (chunks[:, None] * s.chunk + np.arange(s.chunk)).reshape(-1)
+
+            def two_stage(chunk_score: np.ndarray) -> np.ndarray:
+                keep = np.concatenate([whole(_top(chunk_score, min(n_chunk - 1, 4 * k // s.chunk))), tail])
+                return keep[_top(cell[keep], k)]
+
+            picks = {"cell": _top(cell, k), "chunk-mean": whole(_top(chunk_mean, k // s.chunk)),
+                     "chunk-bound": whole(_top(chunk_bound, k // s.chunk)),
+                     "two-stage-mean": two_stage(chunk_mean), "two-stage-bound": two_stage(chunk_bound),
+                     "oracle": _top(weights.sum(0), k)}
+            for name, idx in picks.items():
+                sums.setdefault((name, k), []).append(mass - weights[:, idx].sum(1).mean())
+    return {key: float(np.mean(v)) for key, v in sums.items()}
+
+
+def run_study(original, lorc_path, text: str, s: StudySettings, log=lambda m: None) -> dict:
+    """The study on the first ``s.n_ctx`` tokens of an evaluation text (corpus domain or file)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .. import corpus
+    from ..format import keys
+    from ..runtime.session import Session, SessionParams
+
+    raw = Path(text).read_text() if Path(text).is_file() else corpus.domain(text).text(corpus.EVALUATION,
+                                                                                       corpus.plain_chat)
+    with Session(original, SessionParams(n_ctx=512)) as sess:
+        tokens = sess.tokenize(raw, add_bos=True)[:s.n_ctx]
+    if len(tokens) < s.n_ctx:
+        raise LorcError(f"{text}: {len(tokens)} tokens, fewer than --ctx {s.n_ctx}")
+    lorc = FastGGUFReader(lorc_path)
+    if keys.KEY_VERSION not in lorc.fields:
+        raise LorcError(f"{lorc_path} is not a LoRC file")
+    log(f"numpy forward of {s.n_ctx} tokens up to layer {max(s.layers)} ...")
+    fw, inputs = layer_inputs(original, tokens, s.layers)
+    per_layer = {}
+    for il in s.layers:
+        log(f"layer {il}")
+        per_layer[il] = {f"{name}@{k}": v for (name, k), v in study_layer(fw, lorc, il, inputs[il], s).items()}
+    return {"original": str(original), "lorc": str(lorc_path), "text": text, "settings": asdict(s),
+            "per_layer": per_layer}
+
+
+def format_study(report: dict) -> str:
+    s = report["settings"]
+    per_layer = report["per_layer"]
+    keys_ = {k for r in per_layer.values() for k in r}
+    mean = {k: float(np.mean([r[k] for r in per_layer.values() if k in r])) for k in keys_}
+    lines = ["| selector | " + " | ".join(f"k = {k}" for k in s["ks"]) + " |", "|---|" + "---:|" * len(s["ks"])]
+    for name in SELECTORS:
+        lines.append(f"| {name} | " + " | ".join(f"{mean[f'{name}@{k}']:.3f}" if f"{name}@{k}" in mean else "-"
+                                                for k in s["ks"]) + " |")
+    lines += ["", f"Attention mass missed (lower is better) of the latent cells' {mean['latent mass@0']:.3f}, "
+              f"text {report['text']}, ctx {s['n_ctx']}, the last {s['queries']} positions as decoded tokens, "
+              f"{s['sink']} sinks + a window of {s['window']} exact, chunks of {s['chunk']}; mean over layers "
+              f"{', '.join(map(str, per_layer))} and heads."]
+    return "\n".join(lines)

@@ -341,12 +341,6 @@ def test_report_tool(wide_gguf: Path, tmp_path: Path) -> None:
 
 # --- the defaults ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("window,k", [(0, 0), (64, 0), (384, 0), (511, 0), (512, 128), (4096, 128)])
-def test_the_default_top_k_follows_the_exact_window(window: int, k: int) -> None:
-    # selection by default only where it was measured within +0.5% of every key rebuilt (W >= 512)
-    assert constants.default_decode_top_k(window) == k
-
-
 def test_design_card_command_is_calibrated_progressive_with_exact_cells(tiny_llama_gguf: Path, tmp_path: Path):
     """`convert.py MODEL OUT.gguf --progressive` (fewer calibration tokens, the same path)."""
     out = tmp_path / "default.gguf"
@@ -358,7 +352,7 @@ def test_design_card_command_is_calibrated_progressive_with_exact_cells(tiny_lla
     assert field(reader, constants.KEY_ALLOCATION) == "progressive"
     assert field(reader, constants.KEY_SINK_TOKENS) == constants.DEFAULT_SINK_TOKENS == 4
     assert field(reader, constants.KEY_RECENT_WINDOW) == constants.DEFAULT_RECENT_WINDOW
-    assert field(reader, constants.KEY_DECODE_TOP_K) == 0  # no selection by default with a window of 384
+    assert field(reader, constants.KEY_DECODE_TOP_K) == 0  # selection by default on sliding-window models only
     names = {t.name for t in reader.tensors}
     # exact cells need the dense projections beside the factors
     assert {"blk.0.attn_k.weight", "blk.0.attn_k_down.weight", "blk.0.attn_v_up.weight"} <= names

@@ -285,8 +285,8 @@ def test_defaults_give_a_sliding_window_model_the_exact_window(models, tmp_path)
     reader = FastGGUFReader(out)
     assert reader.fields[constants.KEY_SINK_TOKENS].contents() == constants.DEFAULT_SINK_TOKENS
     assert reader.fields[constants.KEY_RECENT_WINDOW].contents() == constants.DEFAULT_RECENT_WINDOW
-    # selective reconstruction by the window: none with the default 384 (the model's window is 16)
-    assert reader.fields[constants.KEY_DECODE_TOP_K].contents() == 0
+    # selective reconstruction on by default for a sliding-window model's global layers
+    assert reader.fields[constants.KEY_DECODE_TOP_K].contents() == constants.DEFAULT_DECODE_TOP_K_SWA
     key_rank = reader.fields["gemma3.attention.lorc_key_rank"].contents()
     value_rank = reader.fields["gemma3.attention.lorc_value_rank"].contents()
     for il in range(N_LAYER):

@@ -61,7 +61,7 @@ def test_defaults_on_a_sliding_window_model(gemma) -> None:
     fields = FastGGUFReader(gemma["lorc"]).fields
     assert fields[keys.KEY_SINK_TOKENS].contents() == keys.DEFAULT_SINK_TOKENS
     assert fields[keys.KEY_RECENT_WINDOW].contents() == 512  # the model's own window (wider than the default 384)
-    assert fields[keys.KEY_DECODE_TOP_K].contents() == 128  # selection on, k for a window of 512
+    assert fields[keys.KEY_DECODE_TOP_K].contents() == keys.DEFAULT_DECODE_TOP_K_SWA == 128  # selection on
     key_rank = fields["gemma3.attention.lorc_key_rank"].contents()
     value_rank = fields["gemma3.attention.lorc_value_rank"].contents()
     for il in range(18):

@@ -65,10 +65,9 @@ def convert_parser() -> argparse.ArgumentParser:
                          "the runtime can override both at load time)")
     ap.add_argument("--decode-top-k", type=int, default=None, metavar="K",
                     help="selective reconstruction by default: a decoded token rebuilds only the K latent keys "
-                         "per layer that score best in latent space (0 = every key; default by the exact window: "
-                         + ", ".join(f"{k} from W = {w}" for w, k in keys.DECODE_TOP_K_BY_WINDOW)
-                         + ", else 0; the runtime's context parameter lorc_top_k overrides it). "
-                         "A wider --recent-window lets a smaller K keep quality")
+                         "per layer that score best in latent space (0 = every key; default %d for sliding-window "
+                         "models with the exact window, else 0; the runtime's context parameter lorc_top_k overrides "
+                         "it). A wider --recent-window lets a smaller K keep quality" % keys.DEFAULT_DECODE_TOP_K_SWA)
     aw = ap.add_argument_group("activation-aware factorization (minimise the K/V output error on real inputs)")
     aw.add_argument("--method", choices=list(aware.METHODS),
                     help="svd-whiten (default): SVD of W*L, L L^T = E[x x^T] + ridge, on --calibration statistics. "

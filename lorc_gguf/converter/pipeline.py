@@ -94,8 +94,8 @@ class ConvertOptions:
     sink_tokens: int | None = None
     recent_window: int | None = None
     # selective reconstruction (runtime): a decoded token rebuilds only this many latent keys per
-    # layer, those scoring best in latent space (0 = every key). None: by the exact window
-    # (keys.default_decode_top_k), 0 without one
+    # layer, those scoring best in latent space (0 = every key). None: keys.DEFAULT_DECODE_TOP_K_SWA
+    # for a sliding-window model's file with the exact window and latent keys, else 0
     decode_top_k: int | None = None
 
     def validated(self) -> ConvertOptions:
@@ -184,12 +184,14 @@ class ConvertOptions:
         return replace(self, sink_tokens=sink if self.sink_tokens is None else self.sink_tokens,
                        recent_window=window if self.recent_window is None else self.recent_window)._with_sink_weight()
 
-    def top_k_for(self, allocation: Allocation) -> int:
-        """lorc.decode_top_k: as given, else by the exact window where some layer's keys are latent."""
+    def top_k_for(self, shape: ModelShape, allocation: Allocation) -> int:
+        """lorc.decode_top_k: as given, else the sliding-window default where the file has the exact
+        window and latent keys."""
         if self.decode_top_k is not None:
             return self.decode_top_k
         latent_keys = any(r < w for r, w in zip(allocation.key_rank, allocation.key_width))
-        return keys.default_decode_top_k(self.recent_window or 0) if latent_keys else 0
+        hybrid = bool(self.sink_tokens) or bool(self.recent_window)
+        return keys.DEFAULT_DECODE_TOP_K_SWA if shape.sliding_window and hybrid and latent_keys else 0
 
     def _with_sink_weight(self) -> ConvertOptions:
         """The sink weight resolved once the exact cells are: the factorization carries the sinks
@@ -609,7 +611,7 @@ def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], log: Log 
         plan = _plan_tensors(model, allocation, qtype, errors, weighting, keep_dense=hybrid)
         metadata = copy_metadata(model.reader) + _lorc_metadata(model.shape.architecture, allocation, opts.method,
                                                                 opts.sink_tokens, opts.recent_window,
-                                                                opts.top_k_for(allocation))
+                                                                opts.top_k_for(model.shape, allocation))
         alignment = model.meta.get(gguf.Keys.General.ALIGNMENT)
         write_gguf(dst_path, model.shape.architecture, metadata, plan, alignment=alignment, progress=opts.progress)
         stages.done("factorize and write")

@@ -89,6 +89,10 @@ class Allocation:
         return self.rank(side, layer) < self.width(side, layer)
 
     @property
+    def has_latent_keys(self) -> bool:
+        return any(self.is_factorized(Side.KEY, il) for il in range(self.n_layer))
+
+    @property
     def n_layer(self) -> int:
         return len(self.key_rank)
 

@@ -189,9 +189,8 @@ class ConvertOptions:
         window and latent keys."""
         if self.decode_top_k is not None:
             return self.decode_top_k
-        latent_keys = any(r < w for r, w in zip(allocation.key_rank, allocation.key_width))
         hybrid = bool(self.sink_tokens) or bool(self.recent_window)
-        return keys.DEFAULT_DECODE_TOP_K_SWA if shape.sliding_window and hybrid and latent_keys else 0
+        return keys.DEFAULT_DECODE_TOP_K_SWA if shape.sliding_window and hybrid and allocation.has_latent_keys else 0
 
     def _with_sink_weight(self) -> ConvertOptions:
         """The sink weight resolved once the exact cells are: the factorization carries the sinks
@@ -315,7 +314,7 @@ def _top_k_notices(allocation: Allocation, options: ConvertOptions) -> list[str]
     # written anyway: the file still says what it was made for, and the runtime ignores it alike
     if not options.decode_top_k:  # not given (the default is 0 without latent keys), or 0
         return []
-    if all(r >= w for r, w in zip(allocation.key_rank, allocation.key_width)):
+    if not allocation.has_latent_keys:
         return ["--decode-top-k has no effect on this file: no layer's keys are latent"]
     return []
 

@@ -10,6 +10,8 @@ latent cells it did not pick, averaged over heads and queries. Selectors:
 
 - ``cell``: the runtime's score (README, "Selective reconstruction"): per head the softmax of
   c·(Bᵀq) over the rotary pairs slower than one radian in 256 positions, summed over heads;
+  ``cell-span-N`` the same over the pairs slower than one radian in N positions (0: every dim, as if
+  unrotated); ``cell-max-head`` the largest per-head weight in place of the sum;
 - ``chunk-mean``: chunks of ``chunk`` consecutive cells scored by their mean latent row (the
   landmark of ShadowKV / xKV), the best k/chunk chunks taken whole;
 - ``chunk-bound``: chunks scored by the upper bound Σ max(q·max, q·min) of their rows (Quest);
@@ -28,8 +30,12 @@ from ..calibration.forward import _dequant, numpy_forward, rms_norm
 from ..errors import LorcError
 from ..format.read import FastGGUFReader, open_gguf
 
-SELECTORS = ("cell", "chunk-mean", "chunk-bound", "two-stage-mean", "two-stage-bound", "oracle")
 SCORE_SPAN = 256.0  # the runtime's LORC_SCORE_SPAN (patch 'graph : selective reconstruction ...')
+# variants of the cell score: other spans (0: every pair, rotated or not, taken as unrotated), and the
+# largest per-head weight of a cell in place of the sum over heads
+SPANS = (16.0, 4096.0, 0.0)
+SELECTORS = ("cell", *(f"cell-span-{int(x)}" for x in SPANS), "cell-max-head", "chunk-mean", "chunk-bound",
+             "two-stage-mean", "two-stage-bound", "oracle")
 
 
 @dataclass
@@ -61,10 +67,19 @@ def layer_inputs(original_path, tokens: list[int], layers: tuple[int, ...]) -> t
     return fw, out
 
 
-def _softmax_sum(scores: np.ndarray) -> np.ndarray:
-    """Per-head softmax over the last axis, summed over heads (axis 0)."""
+def _softmax_sum(scores: np.ndarray, reduce=np.sum) -> np.ndarray:
+    """Per-head softmax over the last axis, summed (or reduced) over heads (axis 0)."""
     e = np.exp(scores - scores.max(-1, keepdims=True))
-    return (e / e.sum(-1, keepdims=True)).sum(0)
+    return reduce(e / e.sum(-1, keepdims=True), axis=0)
+
+
+def _score_dims(fw, hd: int, span: float) -> np.ndarray:
+    """The head dims the latent score uses: the rotary pairs (llama ropes pairs (2i, 2i+1)) that turn
+    by less than one radian over ``span`` positions and any unrotated dims; span 0: every dim."""
+    i0 = 0
+    while span and i0 < fw.n_rot // 2 and fw.rope_scale * fw.rope_base ** (-2.0 * i0 / fw.n_rot) * span >= 1.0:
+        i0 += 1
+    return np.arange(2 * i0, hd)
 
 
 def _top(score: np.ndarray, k: int) -> np.ndarray:
@@ -88,12 +103,8 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
     q_pre = fw.queries(w, x[None])[0]                           # [T, n_head, hd]
     q = fw.rope(q_pre[None], cos, sin)[0]
     scale = fw.attention_scale()
-    # the slow rotary pairs (llama ropes pairs (2i, 2i+1)) and any unrotated dims
-    i0 = 0
-    while i0 < fw.n_rot // 2 and fw.rope_scale * fw.rope_base ** (-2.0 * i0 / fw.n_rot) * SCORE_SPAN >= 1.0:
-        i0 += 1
-    dims = np.arange(2 * i0, hd)
-    b_slow = up.reshape(n_kv, hd, -1)[:, dims]                  # [n_kv, dims, rank]
+    b_heads = up.reshape(n_kv, hd, -1)                          # [n_kv, hd, rank]
+    dims = {span: _score_dims(fw, hd, span) for span in (SCORE_SPAN, *SPANS)}
     sums: dict[tuple[str, int], list[float]] = {}
     for t in range(T - s.queries, T):
         latent = np.arange(s.sink, t - s.window + 1)
@@ -105,8 +116,14 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
         m = np.maximum(s_lat.max(1), s_ex.max(1))[:, None]
         e_lat, e_ex = np.exp(s_lat - m), np.exp(s_ex - m)
         weights = e_lat / (e_lat.sum(1) + e_ex.sum(1))[:, None]   # [n_head, n_lat]
-        q_lat = np.einsum("hdr,hd->hr", b_slow[kv], q_pre[t][:, dims]) * scale  # [n_head, rank]
+        def latent_query(span: float) -> np.ndarray:  # [n_head, rank]
+            d = dims[span]
+            return np.einsum("hdr,hd->hr", b_heads[kv][:, d], q_pre[t][:, d]) * scale
+
+        q_lat = latent_query(SCORE_SPAN)
         cell = _softmax_sum(q_lat @ c[latent].T)
+        variants = {f"cell-span-{int(x)}": _softmax_sum(latent_query(x) @ c[latent].T) for x in SPANS}
+        variants["cell-max-head"] = _softmax_sum(q_lat @ c[latent].T, np.max)
         n_chunk = n_lat // s.chunk
         rows = c[latent[:n_chunk * s.chunk]].reshape(n_chunk, s.chunk, -1)
         chunk_mean = _softmax_sum(q_lat @ rows.mean(1).T)
@@ -129,7 +146,7 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
             picks = {"cell": _top(cell, k), "chunk-mean": whole(_top(chunk_mean, k // s.chunk)),
                      "chunk-bound": whole(_top(chunk_bound, k // s.chunk)),
                      "two-stage-mean": two_stage(chunk_mean), "two-stage-bound": two_stage(chunk_bound),
-                     "oracle": _top(weights.sum(0), k)}
+                     "oracle": _top(weights.sum(0), k), **{n: _top(v, k) for n, v in variants.items()}}
             for name, idx in picks.items():
                 sums.setdefault((name, k), []).append(mass - weights[:, idx].sum(1).mean())
     return {key: float(np.mean(v)) for key, v in sums.items()}

@@ -189,8 +189,8 @@ class ConvertOptions:
         window and latent keys."""
         if self.decode_top_k is not None:
             return self.decode_top_k
-        hybrid = bool(self.sink_tokens) or bool(self.recent_window)
-        return keys.DEFAULT_DECODE_TOP_K_SWA if shape.sliding_window and hybrid and allocation.has_latent_keys else 0
+        selects = shape.sliding_window and self.exact_cells_requested and allocation.has_latent_keys
+        return keys.DEFAULT_DECODE_TOP_K_SWA if selects else 0
 
     def _with_sink_weight(self) -> ConvertOptions:
         """The sink weight resolved once the exact cells are: the factorization carries the sinks

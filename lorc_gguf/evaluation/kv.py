@@ -63,4 +63,3 @@ def measure_kv_bytes(session: Session, tokens: Sequence[int]) -> KvBytes:
     per_cell = (info["n_global_layers"] or info["n_layer"]) * (info["key_width"] * _cache_bytes_per_value(session.params.cache_type_k) +
                                   info["value_width"] * _cache_bytes_per_value(session.params.cache_type_v))
     return KvBytes(latent, latent - CELL_METADATA_BYTES, sinks + window, per_cell)
-

@@ -103,27 +103,33 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
     q_pre = fw.queries(w, x[None])[0]                           # [T, n_head, hd]
     q = fw.rope(q_pre[None], cos, sin)[0]
     scale = fw.attention_scale()
-    b_heads = up.reshape(n_kv, hd, -1)                          # [n_kv, hd, rank]
+    kv = np.arange(n_head) // group                             # each head's KV head
+    b_heads = up.reshape(n_kv, hd, -1)[kv]                      # [n_head, hd, rank]
     dims = {span: _score_dims(fw, hd, span) for span in (SCORE_SPAN, *SPANS)}
+    b_dims = {span: b_heads[:, d] for span, d in dims.items()}  # [n_head, dims, rank]
+
+    def whole(chunks: np.ndarray) -> np.ndarray:
+        return (chunks[:, None] * s.chunk + np.arange(s.chunk)).reshape(-1)
+
     sums: dict[tuple[str, int], list[float]] = {}
     for t in range(T - s.queries, T):
         latent = np.arange(s.sink, t - s.window + 1)
         exact = np.concatenate([np.arange(s.sink), np.arange(t - s.window + 1, t + 1)])
         n_lat = len(latent)
-        kv = np.arange(n_head) // group
         s_lat = np.einsum("hd,hnd->hn", q[t], k_lat[latent][:, kv].transpose(1, 0, 2)) * scale
         s_ex = np.einsum("hd,hnd->hn", q[t], k_exact[exact][:, kv].transpose(1, 0, 2)) * scale
         m = np.maximum(s_lat.max(1), s_ex.max(1))[:, None]
         e_lat, e_ex = np.exp(s_lat - m), np.exp(s_ex - m)
         weights = e_lat / (e_lat.sum(1) + e_ex.sum(1))[:, None]   # [n_head, n_lat]
+
         def latent_query(span: float) -> np.ndarray:  # [n_head, rank]
-            d = dims[span]
-            return np.einsum("hdr,hd->hr", b_heads[kv][:, d], q_pre[t][:, d]) * scale
+            return np.einsum("hdr,hd->hr", b_dims[span], q_pre[t][:, dims[span]]) * scale
 
         q_lat = latent_query(SCORE_SPAN)
-        cell = _softmax_sum(q_lat @ c[latent].T)
+        logits = q_lat @ c[latent].T
+        cell = _softmax_sum(logits)
         variants = {f"cell-span-{int(x)}": _softmax_sum(latent_query(x) @ c[latent].T) for x in SPANS}
-        variants["cell-max-head"] = _softmax_sum(q_lat @ c[latent].T, np.max)
+        variants["cell-max-head"] = _softmax_sum(logits, np.max)
         n_chunk = n_lat // s.chunk
         rows = c[latent[:n_chunk * s.chunk]].reshape(n_chunk, s.chunk, -1)
         chunk_mean = _softmax_sum(q_lat @ rows.mean(1).T)
@@ -135,9 +141,6 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
         for k in s.ks:
             if k >= n_lat or k < s.chunk:
                 continue
-
-            def whole(chunks: np.ndarray) -> np.ndarray:
-                return (chunks[:, None] * s.chunk + np.arange(s.chunk)).reshape(-1)
 
             def two_stage(chunk_score: np.ndarray) -> np.ndarray:
                 keep = np.concatenate([whole(_top(chunk_score, min(n_chunk - 1, 4 * k // s.chunk))), tail])

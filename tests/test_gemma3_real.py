@@ -128,11 +128,11 @@ def test_selection_scores_the_normed_keys(gemma) -> None:
             s.decode_seq(tokens[:n_prompt], logits=False)
             return np.concatenate([s.decode([(tokens[i], i, 0)]) for i in range(n_prompt, len(tokens))])
 
-    # measured on this file at k = 16: KL 0.147 from the full rebuild; with a score that ignores the
-    # key norm (rows stored as projected, the query without the gain) 0.366. 0.23, their geometric
-    # mean, leaves ~1.6x on either side. (The defaults' fully calibrated file, k = 16 / 32 / 64 / 128:
-    # 0.137 / 0.107 / 0.059 / 0.033 against 0.352 / 0.208 / 0.118 / 0.048 ignoring the norm.)
-    assert mean_kl(steps(0), steps(16)) < 0.23
+    # measured on this file at k = 16 / 32 / 64: KL 0.094 / 0.036 / 0.015 from the full rebuild; with
+    # a score that ignores the key norm (rows stored as projected, the query without the gain) 0.362
+    # / 0.217 / 0.111. 0.18, near the geometric mean at k = 16, leaves ~1.9x on either side. (The
+    # runtime's earlier score, the slow rotary pairs unrotated: 0.147 at k = 16.)
+    assert mean_kl(steps(0), steps(16)) < 0.18
 
 
 def test_tools_name_the_embedded_model() -> None:

@@ -8,10 +8,13 @@ The measure is the attention mass a selector misses: the share of the softmax (o
 cells, with the file's rebuilt and roped latent keys and the original's exact keys) that falls on
 latent cells it did not pick, averaged over heads and queries. Selectors:
 
-- ``cell``: the runtime's score (README, "Selective reconstruction"): per head the softmax of
-  c·(Bᵀq) over the rotary pairs slower than one radian in 256 positions, summed over heads;
-  ``cell-span-N`` the same over the pairs slower than one radian in N positions (0: every dim, as if
-  unrotated); ``cell-max-head`` the largest per-head weight in place of the sum;
+- ``cell``: the runtime's score (README, "Selective reconstruction"): cells in buckets of 64 by
+  cell index, per bucket the roped query turned back to the position of the bucket's middle cell
+  (the last filled one if that is later), per head the softmax of c·(Bᵀ R(-p_b) q), summed over
+  heads; ``cell-bucket-N`` the same with buckets of N cells; ``cell-max-head`` the largest per-head
+  weight in place of the sum;
+- ``cell-span-N``: the runtime's earlier score, c·(Bᵀq) with the rotary pairs slower than one radian
+  in N positions taken as unrotated and the others dropped (0: every dim, as if unrotated);
 - ``chunk-mean``: chunks of ``chunk`` consecutive cells scored by their mean latent row (the
   landmark of ShadowKV / xKV), the best k/chunk chunks taken whole;
 - ``chunk-bound``: chunks scored by the upper bound Σ max(q·max, q·min) of their rows (Quest);
@@ -30,11 +33,14 @@ from ..calibration.forward import _dequant, numpy_forward, rms_norm
 from ..errors import LorcError
 from ..format.read import FastGGUFReader, open_gguf
 
-SCORE_SPAN = 256.0  # the runtime's LORC_SCORE_SPAN (patch 'graph : selective reconstruction ...')
-# variants of the cell score: other spans (0: every pair, rotated or not, taken as unrotated), and the
-# largest per-head weight of a cell in place of the sum over heads
-SPANS = (16.0, 4096.0, 0.0)
-SELECTORS = ("cell", *(f"cell-span-{int(x)}" for x in SPANS), "cell-max-head", "chunk-mean", "chunk-bound",
+SCORE_BUCKET = 64  # the runtime's LORC_SCORE_BUCKET (patch 'graph : selective reconstruction ...')
+# variants of the cell score: other buckets, the largest per-head weight of a cell in place of the sum
+# over heads, and the earlier score of the slow pairs unrotated over spans of 256 (its runtime
+# setting), 16, 4096 and 0 (every pair, rotated or not, taken as unrotated)
+BUCKETS = (32, 128)
+SPANS = (256.0, 16.0, 4096.0, 0.0)
+SELECTORS = ("cell", *(f"cell-bucket-{b}" for b in BUCKETS), "cell-max-head",
+             *(f"cell-span-{int(x)}" for x in SPANS), "chunk-mean", "chunk-bound",
              "two-stage-mean", "two-stage-bound", "oracle")
 
 
@@ -105,7 +111,7 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
     scale = fw.attention_scale()
     kv = np.arange(n_head) // group                             # each head's KV head
     b_heads = up.reshape(n_kv, hd, -1)[kv]                      # [n_head, hd, rank]
-    dims = {span: _score_dims(fw, hd, span) for span in (SCORE_SPAN, *SPANS)}
+    dims = {span: _score_dims(fw, hd, span) for span in SPANS}
     b_dims = {span: b_heads[:, d] for span, d in dims.items()}  # [n_head, dims, rank]
 
     def whole(chunks: np.ndarray) -> np.ndarray:
@@ -125,13 +131,23 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
         def latent_query(span: float) -> np.ndarray:  # [n_head, rank]
             return np.einsum("hdr,hd->hr", b_dims[span], q_pre[t][:, dims[span]]) * scale
 
-        q_lat = latent_query(SCORE_SPAN)
-        logits = q_lat @ c[latent].T
+        def bucket_logits(n_cells: int) -> np.ndarray:  # [n_head, n_lat]
+            anchors = np.minimum(latent // n_cells * n_cells + n_cells // 2, t)
+            out = np.empty((n_head, n_lat))
+            for a in np.unique(anchors):
+                at = anchors == a
+                q_back = fw.rope(q[t][None], cos[a:a + 1], -sin[a:a + 1])[0]  # R(-a) q
+                out[:, at] = np.einsum("hdr,hd->hr", b_heads, q_back) * scale @ c[latent[at]].T
+            return out
+
+        logits = bucket_logits(SCORE_BUCKET)
         cell = _softmax_sum(logits)
         variants = {f"cell-span-{int(x)}": _softmax_sum(latent_query(x) @ c[latent].T) for x in SPANS}
+        variants.update({f"cell-bucket-{b}": _softmax_sum(bucket_logits(b)) for b in BUCKETS})
         variants["cell-max-head"] = _softmax_sum(logits, np.max)
         n_chunk = n_lat // s.chunk
         rows = c[latent[:n_chunk * s.chunk]].reshape(n_chunk, s.chunk, -1)
+        q_lat = latent_query(SPANS[0])  # the chunk schemes score with the earlier (unbucketed) query
         chunk_mean = _softmax_sum(q_lat @ rows.mean(1).T)
         hi, lo = rows.max(1), rows.min(1)
         chunk_bound = _softmax_sum(np.maximum(q_lat[:, None] * hi[None], q_lat[:, None] * lo[None]).sum(-1))

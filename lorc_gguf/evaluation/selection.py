@@ -8,7 +8,7 @@ The measure is the attention mass a selector misses: the share of the softmax (o
 cells, with the file's rebuilt and roped latent keys and the original's exact keys) that falls on
 latent cells it did not pick, averaged over heads and queries. Selectors:
 
-- ``cell``: the runtime's score (README, "Selective reconstruction"): cells in buckets of 64 by
+- ``cell``: the runtime's score (README, "Selective reconstruction"): cells in buckets of 256 by
   cell index, per bucket the roped query turned back to the position of the bucket's middle cell
   (the last filled one if that is later), per head the softmax of c·(Bᵀ R(-p_b) q), summed over
   heads; ``cell-bucket-N`` the same with buckets of N cells; ``cell-max-head`` the largest per-head
@@ -33,11 +33,11 @@ from ..calibration.forward import _dequant, numpy_forward, rms_norm
 from ..errors import LorcError
 from ..format.read import FastGGUFReader, open_gguf
 
-SCORE_BUCKET = 64  # the runtime's LORC_SCORE_BUCKET (patch 'graph : selective reconstruction ...')
+SCORE_BUCKET = 256  # the runtime's LORC_SCORE_BUCKET (patch 'graph : selective reconstruction ...')
 # variants of the cell score: other buckets, the largest per-head weight of a cell in place of the sum
 # over heads, and the earlier score of the slow pairs unrotated over spans of 256 (its runtime
 # setting), 16, 4096 and 0 (every pair, rotated or not, taken as unrotated)
-BUCKETS = (32, 128)
+BUCKETS = (32, 64)
 SPANS = (256.0, 16.0, 4096.0, 0.0)
 SELECTORS = ("cell", *(f"cell-bucket-{b}" for b in BUCKETS), "cell-max-head",
              *(f"cell-span-{int(x)}" for x in SPANS), "chunk-mean", "chunk-bound",

@@ -21,6 +21,11 @@ latent cells it did not pick, averaged over heads and queries. Selectors:
 - ``two-stage-mean`` / ``two-stage-bound``: the chunk score keeps 4k cells' worth of chunks, then
   the cell score picks k among them;
 - ``oracle``: the k cells with the most true attention mass (summed over heads).
+
+A second measure is the attention output itself (values lifted from the file's latent values),
+as a relative error against every latent key rebuilt: the runtime's selection (the rest left out),
+the oracle's, the k best rebuilt with every other latent cell attended at the score's bucketed
+logits, and no key rebuilt at all (every latent cell at the bucketed logits).
 """
 
 from __future__ import annotations
@@ -92,6 +97,22 @@ def _top(score: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-score, k)[:k]
 
 
+def bucket_logits(fw, q_t: np.ndarray, b_heads: np.ndarray, c: np.ndarray, latent: np.ndarray, t: int,
+                  n_cells: int, cos: np.ndarray, sin: np.ndarray, scale: float) -> np.ndarray:
+    """The runtime's latent logits [n_head, len(latent)] of the cells ``latent`` (cell index =
+    position) for the roped query ``q_t`` [n_head, hd] at position t: buckets of ``n_cells`` cells,
+    each meeting the query turned back to its middle position (or t, the last filled cell, if that
+    is earlier), taken through ``b_heads`` [n_head, hd, rank] onto the latent rows ``c``. Buckets of
+    one cell give the rebuilt and roped keys' logits exactly."""
+    anchors = np.minimum(latent // n_cells * n_cells + n_cells // 2, t)
+    out = np.empty((q_t.shape[0], len(latent)))
+    for a in np.unique(anchors):
+        at = anchors == a
+        q_back = fw.rope(q_t[None], cos[a:a + 1], -sin[a:a + 1])[0]  # R(-a) q
+        out[:, at] = np.einsum("hdr,hd->hr", b_heads, q_back) * scale @ c[latent[at]].T
+    return out
+
+
 def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> dict[tuple[str, int], float]:
     """Missed attention mass per (selector, k), and ("latent mass", 0): the latent cells' share."""
     w, x, cos, sin = inputs
@@ -114,6 +135,13 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
     dims = {span: _score_dims(fw, hd, span) for span in SPANS}
     b_dims = {span: b_heads[:, d] for span, d in dims.items()}  # [n_head, dims, rank]
 
+    if f"blk.{il}.attn_v_down.weight" in tensors:
+        v_lat = (x @ _dequant(tensors[f"blk.{il}.attn_v_down.weight"]).T) @ _dequant(tensors[f"blk.{il}.attn_v_up.weight"]).T
+    else:
+        v_lat = x @ w.wv.T + (0 if w.bv is None else w.bv.reshape(-1))
+    v_exact = x @ w.wv.T + (0 if w.bv is None else w.bv.reshape(-1))
+    v_lat, v_exact = v_lat.reshape(T, n_kv, -1), v_exact.reshape(T, n_kv, -1)
+
     def whole(chunks: np.ndarray) -> np.ndarray:
         return (chunks[:, None] * s.chunk + np.arange(s.chunk)).reshape(-1)
 
@@ -127,23 +155,30 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
         m = np.maximum(s_lat.max(1), s_ex.max(1))[:, None]
         e_lat, e_ex = np.exp(s_lat - m), np.exp(s_ex - m)
         weights = e_lat / (e_lat.sum(1) + e_ex.sum(1))[:, None]   # [n_head, n_lat]
+        val_lat = v_lat[latent][:, kv].transpose(1, 0, 2)           # [n_head, n_lat, hd_v]
+        val_ex = v_exact[exact][:, kv].transpose(1, 0, 2)
+
+        def output(lat_logits: np.ndarray) -> np.ndarray:  # [n_head, hd_v]; -inf: a cell left out
+            mx = np.maximum(lat_logits.max(1), s_ex.max(1))[:, None]
+            el, ee = np.exp(lat_logits - mx), np.exp(s_ex - mx)
+            z = el.sum(1) + ee.sum(1)
+            return (np.einsum("hn,hnd->hd", el, val_lat) + np.einsum("hn,hnd->hd", ee, val_ex)) / z[:, None]
+
+        full = output(s_lat)
+
+        def out_error(lat_logits: np.ndarray) -> float:
+            return float(np.mean(np.linalg.norm(output(lat_logits) - full, axis=1) / np.linalg.norm(full, axis=1)))
 
         def latent_query(span: float) -> np.ndarray:  # [n_head, rank]
             return np.einsum("hdr,hd->hr", b_dims[span], q_pre[t][:, dims[span]]) * scale
 
-        def bucket_logits(n_cells: int) -> np.ndarray:  # [n_head, n_lat]
-            anchors = np.minimum(latent // n_cells * n_cells + n_cells // 2, t)
-            out = np.empty((n_head, n_lat))
-            for a in np.unique(anchors):
-                at = anchors == a
-                q_back = fw.rope(q[t][None], cos[a:a + 1], -sin[a:a + 1])[0]  # R(-a) q
-                out[:, at] = np.einsum("hdr,hd->hr", b_heads, q_back) * scale @ c[latent[at]].T
-            return out
+        def logits_of(n_cells: int) -> np.ndarray:
+            return bucket_logits(fw, q[t], b_heads, c, latent, t, n_cells, cos, sin, scale)
 
-        logits = bucket_logits(SCORE_BUCKET)
+        logits = logits_of(SCORE_BUCKET)
         cell = _softmax_sum(logits)
         variants = {f"cell-span-{int(x)}": _softmax_sum(latent_query(x) @ c[latent].T) for x in SPANS}
-        variants.update({f"cell-bucket-{b}": _softmax_sum(bucket_logits(b)) for b in BUCKETS})
+        variants.update({f"cell-bucket-{b}": _softmax_sum(logits_of(b)) for b in BUCKETS})
         variants["cell-max-head"] = _softmax_sum(logits, np.max)
         n_chunk = n_lat // s.chunk
         rows = c[latent[:n_chunk * s.chunk]].reshape(n_chunk, s.chunk, -1)
@@ -154,6 +189,7 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
         tail = np.arange(n_chunk * s.chunk, n_lat)  # a partial last chunk: always scored per cell
         mass = weights.sum(1).mean()
         sums.setdefault(("latent mass", 0), []).append(mass)
+        sums.setdefault(("out:approximate", 0), []).append(out_error(logits))
         for k in s.ks:
             if k >= n_lat or k < s.chunk:
                 continue
@@ -168,6 +204,15 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
                      "oracle": _top(weights.sum(0), k), **{n: _top(v, k) for n, v in variants.items()}}
             for name, idx in picks.items():
                 sums.setdefault((name, k), []).append(mass - weights[:, idx].sum(1).mean())
+            # the attention output: the picked cells rebuilt and the rest left out, or the rest
+            # attended at the score's own (bucketed) logits
+            for name in ("cell", "oracle"):
+                kept = np.full_like(s_lat, -np.inf)
+                kept[:, picks[name]] = s_lat[:, picks[name]]
+                sums.setdefault((f"out:{name}", k), []).append(out_error(kept))
+            rest = logits.copy()
+            rest[:, picks["cell"]] = s_lat[:, picks["cell"]]
+            sums.setdefault(("out:cell+approximate", k), []).append(out_error(rest))
     return {key: float(np.mean(v)) for key, v in sums.items()}
 
 
@@ -212,4 +257,16 @@ def format_study(report: dict) -> str:
               f"text {report['text']}, ctx {s['n_ctx']}, the last {s['queries']} positions as decoded tokens, "
               f"{s['sink']} sinks + a window of {s['window']} exact, chunks of {s['chunk']}; mean over layers "
               f"{', '.join(map(str, per_layer))} and heads."]
+    if "out:approximate@0" in mean:
+        lines += ["", "| attention output | " + " | ".join(f"k = {k}" for k in s["ks"]) + " |",
+                  "|---|" + "---:|" * len(s["ks"])]
+        for name, label in (("cell", "k best by the score rebuilt, the rest left out (the runtime)"),
+                            ("oracle", "the oracle's k rebuilt, the rest left out"),
+                            ("cell+approximate", "k best rebuilt, the rest at the score's bucketed logits")):
+            lines.append(f"| {label} | " + " | ".join(f"{mean[f'out:{name}@{k}']:.4f}" if f"out:{name}@{k}" in mean
+                                                     else "-" for k in s["ks"]) + " |")
+        lines.append("| none rebuilt, every latent cell at the bucketed logits | "
+                     + " | ".join(f"{mean['out:approximate@0']:.4f}" for _ in s["ks"]) + " |")
+        lines += ["", "Relative error of the attention output (latent values lifted; mean over layers, heads and "
+                  "queries) against every latent key rebuilt."]
     return "\n".join(lines)

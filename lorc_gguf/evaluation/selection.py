@@ -135,11 +135,10 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
     dims = {span: _score_dims(fw, hd, span) for span in SPANS}
     b_dims = {span: b_heads[:, d] for span, d in dims.items()}  # [n_head, dims, rank]
 
+    v_exact = x @ w.wv.T + (0 if w.bv is None else w.bv.reshape(-1))
+    v_lat = v_exact  # a layer whose values the file keeps whole
     if f"blk.{il}.attn_v_down.weight" in tensors:
         v_lat = (x @ _dequant(tensors[f"blk.{il}.attn_v_down.weight"]).T) @ _dequant(tensors[f"blk.{il}.attn_v_up.weight"]).T
-    else:
-        v_lat = x @ w.wv.T + (0 if w.bv is None else w.bv.reshape(-1))
-    v_exact = x @ w.wv.T + (0 if w.bv is None else w.bv.reshape(-1))
     v_lat, v_exact = v_lat.reshape(T, n_kv, -1), v_exact.reshape(T, n_kv, -1)
 
     def whole(chunks: np.ndarray) -> np.ndarray:
@@ -177,12 +176,13 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
 
         logits = logits_of(SCORE_BUCKET)
         cell = _softmax_sum(logits)
-        variants = {f"cell-span-{int(x)}": _softmax_sum(latent_query(x) @ c[latent].T) for x in SPANS}
+        span_queries = {x: latent_query(x) for x in SPANS}
+        variants = {f"cell-span-{int(x)}": _softmax_sum(span_queries[x] @ c[latent].T) for x in SPANS}
         variants.update({f"cell-bucket-{b}": _softmax_sum(logits_of(b)) for b in BUCKETS})
         variants["cell-max-head"] = _softmax_sum(logits, np.max)
         n_chunk = n_lat // s.chunk
         rows = c[latent[:n_chunk * s.chunk]].reshape(n_chunk, s.chunk, -1)
-        q_lat = latent_query(SPANS[0])  # the chunk schemes score with the earlier (unbucketed) query
+        q_lat = span_queries[SPANS[0]]  # the chunk schemes score with the earlier (unbucketed) query
         chunk_mean = _softmax_sum(q_lat @ rows.mean(1).T)
         hi, lo = rows.max(1), rows.min(1)
         chunk_bound = _softmax_sum(np.maximum(q_lat[:, None] * hi[None], q_lat[:, None] * lo[None]).sum(-1))

@@ -24,7 +24,8 @@ latent cells it did not pick, averaged over heads and queries. Selectors:
 
 A second measure is the attention output itself (values lifted from the file's latent values),
 as a relative error against every latent key rebuilt: the runtime's selection (the rest left out),
-the oracle's, the k best rebuilt with every other latent cell attended at the score's bucketed
+the oracle's, one selection per KV head (each KV head's k best by its query heads' summed
+weights), the k best rebuilt with every other latent cell attended at the score's bucketed
 logits, and no key rebuilt at all (every latent cell at the bucketed logits).
 """
 
@@ -176,6 +177,7 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
 
         logits = logits_of(SCORE_BUCKET)
         cell = _softmax_sum(logits)
+        per_kv = _softmax_sum(logits.reshape(n_kv, group, n_lat).transpose(1, 0, 2))  # [n_kv, n_lat]
         span_queries = {x: latent_query(x) for x in SPANS}
         variants = {f"cell-span-{int(x)}": _softmax_sum(span_queries[x] @ c[latent].T) for x in SPANS}
         variants.update({f"cell-bucket-{b}": _softmax_sum(logits_of(b)) for b in BUCKETS})
@@ -210,6 +212,12 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
                 kept = np.full_like(s_lat, -np.inf)
                 kept[:, picks[name]] = s_lat[:, picks[name]]
                 sums.setdefault((f"out:{name}", k), []).append(out_error(kept))
+            # one selection per KV head (its query heads' weights summed), the rest left out
+            kept = np.full_like(s_lat, -np.inf)
+            for h in range(n_head):
+                idx = _top(per_kv[kv[h]], k)
+                kept[h, idx] = s_lat[h, idx]
+            sums.setdefault(("out:cell-per-kv-head", k), []).append(out_error(kept))
             rest = logits.copy()
             rest[:, picks["cell"]] = s_lat[:, picks["cell"]]
             sums.setdefault(("out:cell+approximate", k), []).append(out_error(rest))
@@ -262,6 +270,8 @@ def format_study(report: dict) -> str:
                   "|---|" + "---:|" * len(s["ks"])]
         for name, label in (("cell", "k best by the score rebuilt, the rest left out (the runtime)"),
                             ("oracle", "the oracle's k rebuilt, the rest left out"),
+                            ("cell-per-kv-head", "k best per KV head by the score rebuilt (one selection per "
+                                                 "KV head), the rest left out"),
                             ("cell+approximate", "k best rebuilt, the rest at the score's bucketed logits")):
             lines.append(f"| {label} | " + " | ".join(f"{mean[f'out:{name}@{k}']:.4f}" if f"out:{name}@{k}" in mean
                                                      else "-" for k in s["ks"]) + " |")

@@ -214,9 +214,9 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
                 sums.setdefault((f"out:{name}", k), []).append(out_error(kept))
             # one selection per KV head (its query heads' weights summed), the rest left out
             kept = np.full_like(s_lat, -np.inf)
+            kv_picks = [_top(score, k) for score in per_kv]  # once per KV head, for all its query heads
             for h in range(n_head):
-                idx = _top(per_kv[kv[h]], k)
-                kept[h, idx] = s_lat[h, idx]
+                kept[h, kv_picks[kv[h]]] = s_lat[h, kv_picks[kv[h]]]
             sums.setdefault(("out:cell-per-kv-head", k), []).append(out_error(kept))
             rest = logits.copy()
             rest[:, picks["cell"]] = s_lat[:, picks["cell"]]

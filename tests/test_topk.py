@@ -82,6 +82,21 @@ def test_invalid_top_k_is_refused(models):
         Session(models["plain"], SessionParams(n_ctx=64, lorc_top_k=-3))
 
 
+def test_attend_rest_overrides_the_default_rule(models):
+    # the toy's latent values (rank 64) are no wider than its 64-dim heads, so by default (-1) every
+    # layer attends the latent cells a decoded token does not rebuild: 1 runs the same graph (equal
+    # to the bit) and 0 leaves them out, which moves the logits as much as a small selection does
+    tokens = prompt(5)
+    _, auto = decode_steps(models["plain"], FEW, tokens)
+    _, on = decode_steps(models["plain"], FEW, tokens, lorc_attend_rest=1)
+    _, off = decode_steps(models["plain"], FEW, tokens, lorc_attend_rest=0)
+    np.testing.assert_array_equal(on, auto)
+    assert np.isfinite(off).all()
+    assert np.abs(off - auto).max() > 0.05
+    with pytest.raises(RuntimeError, match="could not create a context"):
+        Session(models["plain"], SessionParams(n_ctx=64, lorc_attend_rest=2))
+
+
 def test_exact_window_settings_and_top_k_compose(models):
     # the plain latent cache of a hybrid file (0/0 settings) with selection equals the plain file's
     tokens = prompt(3)

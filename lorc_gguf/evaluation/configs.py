@@ -52,6 +52,7 @@ class ModelConfig:
     lorc_top_k: int | None = None
     lorc_sink_tokens: int | None = None
     lorc_recent_window: int | None = None
+    lorc_attend_rest: int | None = None
 
     @property
     def fa(self) -> bool:
@@ -68,14 +69,15 @@ class ModelConfig:
         return SessionParams(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max, swa_full=False,
                              flash_attn=self.fa, cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
                              n_threads=threads, lorc_sink_tokens=self.lorc_sink_tokens,
-                             lorc_recent_window=self.lorc_recent_window, lorc_top_k=self.lorc_top_k)
+                             lorc_recent_window=self.lorc_recent_window, lorc_top_k=self.lorc_top_k,
+                             lorc_attend_rest=self.lorc_attend_rest)
 
     def describe(self) -> dict[str, Any]:
         sinks, window = hybrid_in_effect(self.path, self.lorc_sink_tokens, self.lorc_recent_window)
         return {"label": self.label, "path": str(self.path), "cache_type_k": self.cache_type_k,
                 "cache_type_v": self.cache_type_v, "flash_attn": self.fa,
                 "lorc_top_k": top_k_in_effect(self.path, self.lorc_top_k),
-                "lorc_sink_tokens": sinks, "lorc_recent_window": window}
+                "lorc_sink_tokens": sinks, "lorc_recent_window": window, "lorc_attend_rest": self.lorc_attend_rest}
 
 
 def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:

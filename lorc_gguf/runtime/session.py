@@ -20,7 +20,7 @@ from .tokens import tokenize
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 
 # SessionParams fields passed as the llama_context_params fields of the same names (-1 for None)
-LORC_SETTINGS = ("lorc_sink_tokens", "lorc_recent_window", "lorc_prefill_block", "lorc_top_k")
+LORC_SETTINGS = ("lorc_sink_tokens", "lorc_recent_window", "lorc_prefill_block", "lorc_top_k", "lorc_attend_rest")
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,13 @@ class SessionParams:
     # the LoRC runtime's settings (llama_context_params), None = the file's default: exact K/V for
     # the first sink tokens and a recent window ((0, 0) = plain latent cache), prompt queries per
     # block of the exact window's attention (0 = one block), latent keys rebuilt per decoded token
-    # (0 = every key)
+    # (0 = every key), the latent cells a decoded token does not rebuild attended at their score's
+    # logits (1) or left out (0); None: where latent values are no wider than a head
     lorc_sink_tokens: int | None = None
     lorc_recent_window: int | None = None
     lorc_prefill_block: int | None = None
     lorc_top_k: int | None = None
+    lorc_attend_rest: int | None = None
     # where a GPU build runs the model: None = llama.cpp's defaults (every layer on the first GPU
     # device, host-weight ops offloaded for large batches); n_gpu_layers=0 with op_offload=False keeps
     # every op on the CPU backend of the same library (the reference of tests/test_vulkan.py)

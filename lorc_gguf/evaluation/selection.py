@@ -26,7 +26,12 @@ A second measure is the attention output itself (values lifted from the file's l
 as a relative error against every latent key rebuilt: the runtime's selection (the rest left out),
 the oracle's, one selection per KV head (each KV head's k best by its query heads' summed
 weights), the k best rebuilt with every other latent cell attended at the score's bucketed
-logits, and no key rebuilt at all (every latent cell at the bucketed logits).
+logits, the same with the rest's values pooled (each head keeps its weight on the rest, but all
+heads, or each KV head's query heads, share one value: the rest's latent values averaged by the
+heads' summed weights) or cut to their first 16 / 32 / 64 latent dims, and no key rebuilt at all
+(every latent cell at the bucketed logits). The pooled rows rank above leaving the rest out here,
+while the runtime's perplexity ranks pooling below it (results/topk-w384-drama-pooled.md): this
+measure does not settle an approximation of the values.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from ..calibration.forward import _dequant, numpy_forward, rms_norm
 from ..errors import LorcError
 from ..format.read import FastGGUFReader, open_gguf
 
+TRUNC_DIMS = (16, 32, 64)
 SCORE_BUCKET = 256  # the runtime's LORC_SCORE_BUCKET (patch 'graph : selective reconstruction ...')
 # variants of the cell score: other buckets, the largest per-head weight of a cell in place of the sum
 # over heads, and the earlier score of the slow pairs unrotated over spans of 256 (its runtime
@@ -138,8 +144,12 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
 
     v_exact = x @ w.wv.T + (0 if w.bv is None else w.bv.reshape(-1))
     v_lat = v_exact  # a layer whose values the file keeps whole
+    v_trunc = {}     # the latent values' leading dims only, lifted
     if f"blk.{il}.attn_v_down.weight" in tensors:
-        v_lat = (x @ _dequant(tensors[f"blk.{il}.attn_v_down.weight"]).T) @ _dequant(tensors[f"blk.{il}.attn_v_up.weight"]).T
+        c_v = x @ _dequant(tensors[f"blk.{il}.attn_v_down.weight"]).T
+        up_v = _dequant(tensors[f"blk.{il}.attn_v_up.weight"])
+        v_lat = c_v @ up_v.T
+        v_trunc = {d: (c_v[:, :d] @ up_v[:, :d].T).reshape(T, n_kv, -1) for d in TRUNC_DIMS}
     v_lat, v_exact = v_lat.reshape(T, n_kv, -1), v_exact.reshape(T, n_kv, -1)
 
     def whole(chunks: np.ndarray) -> np.ndarray:
@@ -165,6 +175,27 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
             return (np.einsum("hn,hnd->hd", el, val_lat) + np.einsum("hn,hnd->hd", ee, val_ex)) / z[:, None]
 
         full = output(s_lat)
+
+        def pooled_output(sel: np.ndarray, lat_logits: np.ndarray, pool: np.ndarray) -> np.ndarray:
+            rest_l = lat_logits.copy()
+            rest_l[:, sel] = -np.inf
+            mx = np.maximum(np.maximum(rest_l.max(1), s_lat[:, sel].max(1)), s_ex.max(1))[:, None]
+            er, es, ee = np.exp(rest_l - mx), np.exp(s_lat[:, sel] - mx), np.exp(s_ex - mx)
+            z = er.sum(1) + es.sum(1) + ee.sum(1)
+            p = er / z[:, None]                              # the final softmax's rest weights [n_head, n_lat]
+            w = pool @ p                                     # each head's pooled weights
+            v_bar = np.einsum("hn,hnd->hd", w, val_lat) / w.sum(1)[:, None]
+            return (np.einsum("hn,hnd->hd", es, val_lat[:, sel]) / z[:, None] + p.sum(1)[:, None] * v_bar
+                    + np.einsum("hn,hnd->hd", ee, val_ex) / z[:, None])
+
+        def trunc_output(sel: np.ndarray, lat_logits: np.ndarray, val_t: np.ndarray) -> np.ndarray:
+            rest_l = lat_logits.copy()
+            rest_l[:, sel] = -np.inf
+            mx = np.maximum(np.maximum(rest_l.max(1), s_lat[:, sel].max(1)), s_ex.max(1))[:, None]
+            er, es, ee = np.exp(rest_l - mx), np.exp(s_lat[:, sel] - mx), np.exp(s_ex - mx)
+            z = er.sum(1) + es.sum(1) + ee.sum(1)
+            return (np.einsum("hn,hnd->hd", es, val_lat[:, sel]) + np.einsum("hn,hnd->hd", er, val_t)
+                    + np.einsum("hn,hnd->hd", ee, val_ex)) / z[:, None]
 
         def out_error(lat_logits: np.ndarray) -> float:
             return float(np.mean(np.linalg.norm(output(lat_logits) - full, axis=1) / np.linalg.norm(full, axis=1)))
@@ -221,6 +252,19 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
             rest = logits.copy()
             rest[:, picks["cell"]] = s_lat[:, picks["cell"]]
             sums.setdefault(("out:cell+approximate", k), []).append(out_error(rest))
+            # the rest with its latent values' leading dims only
+            for d, vt in v_trunc.items():
+                sums.setdefault((f"out:cell+trunc-{d}", k), []).append(
+                    float(np.mean(np.linalg.norm(trunc_output(picks["cell"], logits, vt[latent][:, kv].transpose(1, 0, 2)) - full, axis=1)
+                                  / np.linalg.norm(full, axis=1))))
+            # the rest pooled: each head keeps its mass over the cells left out (at the bucketed
+            # logits) but they share one value, the mean of their latent values weighted by the
+            # heads' weights summed (over all heads, or over each KV head's query heads)
+            for name, pool in (("cell+pooled", np.ones((n_head, n_head))),
+                               ("cell+pooled-per-kv-head", (kv[:, None] == kv[None]).astype(float))):
+                sums.setdefault((f"out:{name}", k), []).append(
+                    float(np.mean(np.linalg.norm(pooled_output(picks["cell"], logits, pool) - full, axis=1)
+                                  / np.linalg.norm(full, axis=1))))
     return {key: float(np.mean(v)) for key, v in sums.items()}
 
 
@@ -272,7 +316,13 @@ def format_study(report: dict) -> str:
                             ("oracle", "the oracle's k rebuilt, the rest left out"),
                             ("cell-per-kv-head", "k best per KV head by the score rebuilt (one selection per "
                                                  "KV head), the rest left out"),
-                            ("cell+approximate", "k best rebuilt, the rest at the score's bucketed logits")):
+                            ("cell+approximate", "k best rebuilt, the rest at the score's bucketed logits"),
+                            ("cell+pooled", "k best rebuilt, the rest at the bucketed logits sharing one "
+                                            "value (the heads' summed weights)"),
+                            ("cell+pooled-per-kv-head", "k best rebuilt, the rest at the bucketed logits "
+                                                        "sharing one value per KV head"),
+                            *((f"cell+trunc-{d}", f"k best rebuilt, the rest at the bucketed logits with "
+                                                  f"their latent values' first {d} dims") for d in TRUNC_DIMS)):
             lines.append(f"| {label} | " + " | ".join(f"{mean[f'out:{name}@{k}']:.4f}" if f"out:{name}@{k}" in mean
                                                      else "-" for k in s["ks"]) + " |")
         lines.append("| none rebuilt, every latent cell at the bucketed logits | "

@@ -176,29 +176,28 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
 
         full = output(s_lat)
 
-        def pooled_output(sel: np.ndarray, lat_logits: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        def rest_output(sel: np.ndarray, lat_logits: np.ndarray, rest_sum) -> np.ndarray:
+            """The selected cells rebuilt, the rest at ``lat_logits``; ``rest_sum(p)`` takes the rest's
+            softmax weights [n_head, n_lat] to its share of the output [n_head, hd_v]"""
             rest_l = lat_logits.copy()
             rest_l[:, sel] = -np.inf
             mx = np.maximum(np.maximum(rest_l.max(1), s_lat[:, sel].max(1)), s_ex.max(1))[:, None]
             er, es, ee = np.exp(rest_l - mx), np.exp(s_lat[:, sel] - mx), np.exp(s_ex - mx)
-            z = er.sum(1) + es.sum(1) + ee.sum(1)
-            p = er / z[:, None]                              # the final softmax's rest weights [n_head, n_lat]
-            w = pool @ p                                     # each head's pooled weights
-            v_bar = np.einsum("hn,hnd->hd", w, val_lat) / w.sum(1)[:, None]
-            return (np.einsum("hn,hnd->hd", es, val_lat[:, sel]) / z[:, None] + p.sum(1)[:, None] * v_bar
-                    + np.einsum("hn,hnd->hd", ee, val_ex) / z[:, None])
+            z = (er.sum(1) + es.sum(1) + ee.sum(1))[:, None]
+            return ((np.einsum("hn,hnd->hd", es, val_lat[:, sel]) + np.einsum("hn,hnd->hd", ee, val_ex)) / z
+                    + rest_sum(er / z))
 
-        def trunc_output(sel: np.ndarray, lat_logits: np.ndarray, val_t: np.ndarray) -> np.ndarray:
-            rest_l = lat_logits.copy()
-            rest_l[:, sel] = -np.inf
-            mx = np.maximum(np.maximum(rest_l.max(1), s_lat[:, sel].max(1)), s_ex.max(1))[:, None]
-            er, es, ee = np.exp(rest_l - mx), np.exp(s_lat[:, sel] - mx), np.exp(s_ex - mx)
-            z = er.sum(1) + es.sum(1) + ee.sum(1)
-            return (np.einsum("hn,hnd->hd", es, val_lat[:, sel]) + np.einsum("hn,hnd->hd", er, val_t)
-                    + np.einsum("hn,hnd->hd", ee, val_ex)) / z[:, None]
+        def pooled(pool: np.ndarray):  # each head's weight on the rest times its pool's mean value
+            def rest_sum(p: np.ndarray) -> np.ndarray:
+                w = pool @ p
+                return p.sum(1)[:, None] * np.einsum("hn,hnd->hd", w, val_lat) / w.sum(1)[:, None]
+            return rest_sum
+
+        def rel_error(out: np.ndarray) -> float:
+            return float(np.mean(np.linalg.norm(out - full, axis=1) / np.linalg.norm(full, axis=1)))
 
         def out_error(lat_logits: np.ndarray) -> float:
-            return float(np.mean(np.linalg.norm(output(lat_logits) - full, axis=1) / np.linalg.norm(full, axis=1)))
+            return rel_error(output(lat_logits))
 
         def latent_query(span: float) -> np.ndarray:  # [n_head, rank]
             return np.einsum("hdr,hd->hr", b_dims[span], q_pre[t][:, dims[span]]) * scale
@@ -254,17 +253,15 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
             sums.setdefault(("out:cell+approximate", k), []).append(out_error(rest))
             # the rest with its latent values' leading dims only
             for d, vt in v_trunc.items():
+                val_t = vt[latent][:, kv].transpose(1, 0, 2)
                 sums.setdefault((f"out:cell+trunc-{d}", k), []).append(
-                    float(np.mean(np.linalg.norm(trunc_output(picks["cell"], logits, vt[latent][:, kv].transpose(1, 0, 2)) - full, axis=1)
-                                  / np.linalg.norm(full, axis=1))))
+                    rel_error(rest_output(picks["cell"], logits, lambda p: np.einsum("hn,hnd->hd", p, val_t))))
             # the rest pooled: each head keeps its mass over the cells left out (at the bucketed
             # logits) but they share one value, the mean of their latent values weighted by the
             # heads' weights summed (over all heads, or over each KV head's query heads)
             for name, pool in (("cell+pooled", np.ones((n_head, n_head))),
                                ("cell+pooled-per-kv-head", (kv[:, None] == kv[None]).astype(float))):
-                sums.setdefault((f"out:{name}", k), []).append(
-                    float(np.mean(np.linalg.norm(pooled_output(picks["cell"], logits, pool) - full, axis=1)
-                                  / np.linalg.norm(full, axis=1))))
+                sums.setdefault((f"out:{name}", k), []).append(rel_error(rest_output(picks["cell"], logits, pooled(pool))))
     return {key: float(np.mean(v)) for key, v in sums.items()}
 
 

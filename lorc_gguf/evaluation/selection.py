@@ -44,7 +44,7 @@ from ..calibration.forward import _dequant, numpy_forward, rms_norm
 from ..errors import LorcError
 from ..format.read import FastGGUFReader, open_gguf
 
-TRUNC_DIMS = (16, 32, 64)
+TRUNC_DIMS = (16, 32, 64)  # the rest's latent values cut to their first dims (the out:cell+trunc-N rows)
 SCORE_BUCKET = 256  # the runtime's LORC_SCORE_BUCKET (patch 'graph : selective reconstruction ...')
 # variants of the cell score: other buckets, the largest per-head weight of a cell in place of the sum
 # over heads, and the earlier score of the slow pairs unrotated over spans of 256 (its runtime

@@ -366,6 +366,54 @@ def test_bench_lorc_top_k_labels(pair, tmp_path):
     assert [(c["label"], c["lorc_top_k"]) for c in configs] == [("original", 0), ("lorc", 0), ("lorc [top-8]", 8)]
 
 
+def test_interleaved_decode_takes_every_config_s_token_in_turn(monkeypatch):
+    # the order of the decode calls is the whole point of --interleave: each session's i-th token
+    # before any session's (i+1)-th, after every session has prefilled; each session's own state size
+    # and decode time come back in its own slot
+    from lorc_gguf.evaluation import bench
+
+    calls = []
+
+    class FakeSession:
+        def __init__(self, name, state):
+            self.name, self.state = name, state
+
+        def clear(self):
+            calls.append((self.name, "clear"))
+
+        def seq_rm(self, seq_id, p0, p1):
+            return True
+
+        def seq_state_size(self, seq_id):
+            return self.state
+
+    def fake_decode(session, tokens, pos0=0):
+        calls.append((session.name, len(tokens), pos0))
+
+    monkeypatch.setattr(bench, "decode_tokens", fake_decode)
+    a, b = FakeSession("a", 11), FakeSession("b", 22)
+    prompt = list(range(10))
+    out = bench.measure_interleaved([a, b], [prompt, prompt], 10, 3)
+    decodes = [c for c in calls if c[1] != "clear"]
+    assert decodes == [("a", 10, 0), ("b", 10, 0), ("a", 1, 7), ("b", 1, 7), ("a", 1, 8), ("b", 1, 8),
+                       ("a", 1, 9), ("b", 1, 9)]
+    assert [o[2] for o in out] == [11, 22] and all(o[0] >= 0 and o[1] >= 0 for o in out)
+    assert calls[-2:] == [("a", "clear"), ("b", "clear")]
+
+
+def test_bench_interleave_is_recorded(pair, tmp_path, capsys):
+    original, lorc = pair
+    out = tmp_path / "bench.json"
+    rc = bench_main([str(original), str(lorc), "--ctx", "64", "--repeats", "2", "--decode-tokens", "2",
+                     "--cache-types", "", "--lorc-cache-types", "", "--interleave", "--json", str(out), "-q",
+                     *THREADS])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["decode_order"].startswith("interleaved")
+    assert [len(r["decode_s"]) for r in report["results"]] == [2, 2]
+    assert "interleaved across configs" in capsys.readouterr().out
+
+
 def test_runtime_settings_passed_are_recorded(pair, tmp_path):
     # results measured under run-time settings (a wider exact window, say) are not the file's
     # defaults: both tools write what was set, and nothing when nothing was; each model row has the

@@ -49,6 +49,9 @@ def bench_parser():
     ap.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all cores)")
     ap.add_argument("--budget-mib", type=float, metavar="M", help="report the largest context whose KV cache "
                     "fits M MiB for each config")
+    ap.add_argument("--interleave", action="store_true", help="decode one token of every config in turn "
+                    "(each config's i-th token before any config's next), so that a machine whose speed drifts "
+                    "slows every config alike (default: one config's tokens after another's)")
     ap.add_argument("--quick", action="store_true", help="short run: contexts 256,1024, 1 repeat, 8 decode "
                     "tokens, no q4_0 cache")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -87,7 +90,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
         n_decode = args.decode_tokens or (8 if args.quick else DEFAULT_DECODE_TOKENS)
         return run_bench(configs, contexts, repeats, n_decode, args.threads, args.batch, args.budget_mib, log,
-                         settings)
+                         settings, args.interleave)
 
     def plot(report: dict[str, Any], path: str) -> None:
         from ..evaluation.plots import plot_speed

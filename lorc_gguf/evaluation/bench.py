@@ -83,27 +83,57 @@ def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequ
     return configs
 
 
-def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[float, float, int]:
-    """(prefill seconds for ``n_ctx`` tokens, decode seconds for ``n_decode`` single-token calls at
-    depth ``n_ctx - n_decode``, the bytes of the n_ctx-token sequence's serialized state: every
-    cell its caches hold, 12 bytes of metadata each, and a header)."""
+def prefill(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> float:
+    """Seconds to prefill ``n_ctx`` tokens of ``prompt`` into a cleared ``session``, which is then cut back
+    to depth ``n_ctx - n_decode`` for the decoded tokens."""
     session.clear()
-    tokens = list(prompt[:n_ctx])
     t0 = time.perf_counter()
-    decode_tokens(session, tokens)
+    decode_tokens(session, list(prompt[:n_ctx]))
     t1 = time.perf_counter()
     depth = n_ctx - n_decode
     if not session.seq_rm(0, depth, -1):
         # an exact window refuses a cut past its overwritten cells (more than n_ubatch tokens back)
         raise LorcError(f"the cache refused to cut the prompt back to {depth} tokens: decode fewer than "
                         f"{n_decode} tokens or raise n_ubatch")
-    t2 = time.perf_counter()
-    for i in range(n_decode):
-        decode_tokens(session, [tokens[depth + i]], depth + i)
-    t3 = time.perf_counter()
+    return t1 - t0
+
+
+def decode_one(session, prompt: Sequence[int], pos: int) -> float:
+    """Seconds of one single-token decode call: the prompt's token at ``pos``."""
+    t0 = time.perf_counter()
+    decode_tokens(session, [prompt[pos]], pos)
+    return time.perf_counter() - t0
+
+
+def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[float, float, int]:
+    """(prefill seconds for ``n_ctx`` tokens, decode seconds for ``n_decode`` single-token calls at
+    depth ``n_ctx - n_decode``, the bytes of the n_ctx-token sequence's serialized state: every
+    cell its caches hold, 12 bytes of metadata each, and a header)."""
+    pf = prefill(session, prompt, n_ctx, n_decode)
+    depth = n_ctx - n_decode
+    dec = sum(decode_one(session, prompt, depth + i) for i in range(n_decode))
     state = session.seq_state_size(0)
     session.clear()
-    return t1 - t0, t3 - t2, state
+    return pf, dec, state
+
+
+def measure_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,
+                        n_decode: int) -> list[tuple[float, float, int]]:
+    """``measure`` for every session at once, the decoded tokens taken in turn: each session prefills,
+    then each decodes its first token, then each its second, ... A machine whose speed drifts over
+    seconds (a shared virtual machine) then slows every configuration alike, where decoding them one
+    after another puts the drift between them."""
+    pf = [prefill(s, p, n_ctx, n_decode) for s, p in zip(sessions, prompts)]
+    dec = [0.0] * len(sessions)
+    depth = n_ctx - n_decode
+    for i in range(n_decode):
+        for j, (s, p) in enumerate(zip(sessions, prompts)):
+            dec[j] += decode_one(s, p, depth + i)
+    out = []
+    for s, a, b in zip(sessions, pf, dec):
+        out.append((a, b, s.seq_state_size(0)))
+        s.clear()
+    return out
 
 
 def _prompt(session, n: int) -> list[int]:
@@ -119,7 +149,7 @@ def _prompt(session, n: int) -> list[int]:
 def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: int = DEFAULT_REPEATS,
               decode_tokens_n: int = DEFAULT_DECODE_TOKENS, threads: int | None = None, n_batch: int = DEFAULT_BATCH,
               budget_mib: float | None = None, log: Callable[[str], None] | None = None,
-              settings: dict[str, int] | None = None) -> dict[str, Any]:
+              settings: dict[str, int] | None = None, interleave: bool = False) -> dict[str, Any]:
     if not configs:
         raise LorcError("no configurations to benchmark")
     if repeats < 1:
@@ -146,8 +176,12 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
             for r in range(repeats):
                 k = r % len(configs)
                 order = list(range(len(configs)))[k:] + list(range(len(configs)))[:k]
-                for i in order:
-                    pf, dec, state[configs[i].label] = measure(sessions[i], prompts[i], n_ctx, decode_tokens_n)
+                if interleave:
+                    measured = measure_interleaved([sessions[i] for i in order], [prompts[i] for i in order],
+                                                   n_ctx, decode_tokens_n)
+                else:
+                    measured = [measure(sessions[i], prompts[i], n_ctx, decode_tokens_n) for i in order]
+                for i, (pf, dec, state[configs[i].label]) in zip(order, measured):
                     times[configs[i].label].append((pf, dec))
                     if log:
                         log(f"ctx {n_ctx} repeat {r + 1}/{repeats} {configs[i].label}: "
@@ -184,7 +218,9 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                          "n_batch": n_batch, "threads": threads, "budget_mib": budget_mib,
                          "statistic": "median over repeats",
                          "prefill": "n_ctx-token prompt in n_batch chunks, logits for the last token only",
-                         "decode": "single-token decode calls with logits at depth n_ctx - decode_tokens"},
+                         "decode": "single-token decode calls with logits at depth n_ctx - decode_tokens",
+                         "decode_order": ("interleaved: every config's i-th token before any config's (i+1)-th"
+                                          if interleave else "one config after another")},
             "configs": config_rows, "results": results,
             "elapsed_s": round(time.perf_counter() - started, 1)}
 
@@ -213,7 +249,8 @@ def format_bench(report: dict[str, Any]) -> str:
     m = report["machine"]
     s = report["settings"]
     return (table(rows, right_from=2) +
-            f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}),"
+            f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}"
+            f"{', interleaved across configs' if s.get('decode_order', '').startswith('interleaved') else ''}),"
             f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
             f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
             f"(sinks + window), not in KV B/tok; MiB = the serialized state of one sequence at the largest context "

@@ -109,12 +109,7 @@ def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[
     """(prefill seconds for ``n_ctx`` tokens, decode seconds for ``n_decode`` single-token calls at
     depth ``n_ctx - n_decode``, the bytes of the n_ctx-token sequence's serialized state: every
     cell its caches hold, 12 bytes of metadata each, and a header)."""
-    pf = prefill(session, prompt, n_ctx, n_decode)
-    depth = n_ctx - n_decode
-    dec = sum(decode_one(session, prompt, depth + i) for i in range(n_decode))
-    state = session.seq_state_size(0)
-    session.clear()
-    return pf, dec, state
+    return measure_interleaved([session], [prompt], n_ctx, n_decode)[0]
 
 
 def measure_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,

@@ -168,24 +168,21 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
         val_lat = v_lat[latent][:, kv].transpose(1, 0, 2)           # [n_head, n_lat, hd_v]
         val_ex = v_exact[exact][:, kv].transpose(1, 0, 2)
 
-        def output(lat_logits: np.ndarray) -> np.ndarray:  # [n_head, hd_v]; -inf: a cell left out
+        def output(lat_logits: np.ndarray, rest_sum=None, sel=None) -> np.ndarray:
+            """[n_head, hd_v] with the latent cells at ``lat_logits`` (-inf: a cell left out). With
+            ``rest_sum``, only the ``sel`` cells take their latent values; ``rest_sum(p)`` takes the other
+            cells' softmax weights [n_head, n_lat] (zero at ``sel``) to their share of the output"""
             mx = np.maximum(lat_logits.max(1), s_ex.max(1))[:, None]
             el, ee = np.exp(lat_logits - mx), np.exp(s_ex - mx)
-            z = el.sum(1) + ee.sum(1)
-            return (np.einsum("hn,hnd->hd", el, val_lat) + np.einsum("hn,hnd->hd", ee, val_ex)) / z[:, None]
+            z = (el.sum(1) + ee.sum(1))[:, None]
+            out = np.einsum("hn,hnd->hd", ee, val_ex) / z
+            if rest_sum is None:
+                return out + np.einsum("hn,hnd->hd", el, val_lat) / z
+            rest = el / z
+            rest[:, sel] = 0
+            return out + np.einsum("hn,hnd->hd", el[:, sel], val_lat[:, sel]) / z + rest_sum(rest)
 
         full = output(s_lat)
-
-        def rest_output(sel: np.ndarray, lat_logits: np.ndarray, rest_sum) -> np.ndarray:
-            """The selected cells rebuilt, the rest at ``lat_logits``; ``rest_sum(p)`` takes the rest's
-            softmax weights [n_head, n_lat] to its share of the output [n_head, hd_v]"""
-            rest_l = lat_logits.copy()
-            rest_l[:, sel] = -np.inf
-            mx = np.maximum(np.maximum(rest_l.max(1), s_lat[:, sel].max(1)), s_ex.max(1))[:, None]
-            er, es, ee = np.exp(rest_l - mx), np.exp(s_lat[:, sel] - mx), np.exp(s_ex - mx)
-            z = (er.sum(1) + es.sum(1) + ee.sum(1))[:, None]
-            return ((np.einsum("hn,hnd->hd", es, val_lat[:, sel]) + np.einsum("hn,hnd->hd", ee, val_ex)) / z
-                    + rest_sum(er / z))
 
         def pooled(pool: np.ndarray):  # each head's weight on the rest times its pool's mean value
             def rest_sum(p: np.ndarray) -> np.ndarray:
@@ -255,13 +252,13 @@ def study_layer(fw, lorc: FastGGUFReader, il: int, inputs, s: StudySettings) -> 
             for d, vt in v_trunc.items():
                 val_t = vt[latent][:, kv].transpose(1, 0, 2)
                 sums.setdefault((f"out:cell+trunc-{d}", k), []).append(
-                    rel_error(rest_output(picks["cell"], logits, lambda p: np.einsum("hn,hnd->hd", p, val_t))))
+                    rel_error(output(rest, lambda p: np.einsum("hn,hnd->hd", p, val_t), picks["cell"])))
             # the rest pooled: each head keeps its mass over the cells left out (at the bucketed
             # logits) but they share one value, the mean of their latent values weighted by the
             # heads' weights summed (over all heads, or over each KV head's query heads)
             for name, pool in (("cell+pooled", np.ones((n_head, n_head))),
                                ("cell+pooled-per-kv-head", (kv[:, None] == kv[None]).astype(float))):
-                sums.setdefault((f"out:{name}", k), []).append(rel_error(rest_output(picks["cell"], logits, pooled(pool))))
+                sums.setdefault((f"out:{name}", k), []).append(rel_error(output(rest, pooled(pool), picks["cell"])))
     return {key: float(np.mean(v)) for key, v in sums.items()}
 
 

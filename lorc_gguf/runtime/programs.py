@@ -35,6 +35,22 @@ def programs_dir(log=_stderr) -> Path:
     return build.build_tools(build.native_options(log), build.TOOL_TARGETS, log)
 
 
+def ggml_program(source: Path, out: Path, bin_dir: Path | None = None,
+                 flags: Sequence[str] = ("-O2", "-march=native")) -> Path:
+    """Compile one C++ file (tests/kernels/) against the ggml of the patched tree's programs build:
+    its headers, the CPU backend's internal ones (vec.h) and its libraries, found at run time through
+    a RUNPATH that LD_LIBRARY_PATH may override (to run the same program on another build)."""
+    bin_dir = bin_dir or programs_dir()
+    ggml = bin_dir.parents[1] / "src" / "vendor" / "llama.cpp" / "ggml"
+    cmd = ["g++", "-std=c++17", *flags, "-I", str(ggml / "include"), "-I", str(ggml / "src"),
+           "-I", str(ggml / "src" / "ggml-cpu"), str(source), "-o", str(out), "-L", str(bin_dir),
+           "-lggml-base", "-lggml-cpu", f"-Wl,--enable-new-dtags,-rpath,{bin_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling {source.name} failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

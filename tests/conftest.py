@@ -18,6 +18,7 @@ for p in (str(REPO_ROOT), str(TESTS_DIR)):
 import synth  # noqa: E402
 
 from lorc_gguf.models import smollm2_path as _smollm2_path  # noqa: E402
+from lorc_gguf.runtime import programs as _programs  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,3 +44,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_gguf(models_dir: Path) -> Path:
     """``synth.make_llama_gguf`` with its defaults (4 layers, n_embd 128, f32)."""
     return synth.make_llama_gguf(models_dir / "tiny-llama-f32.gguf")
+
+
+@pytest.fixture(scope="session")
+def bin_dir() -> Path:
+    """The bin folder of llama.cpp's programs built from the patched tree (cached with the wheel)."""
+    return _programs.programs_dir(log=lambda *_: None)

@@ -30,11 +30,6 @@ REQUESTS, CLIENTS, SLOTS = 64, 8, 4
 
 
 @pytest.fixture(scope="module")
-def bin_dir() -> Path:
-    return programs.programs_dir(log=lambda *_: None)
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("programs")
     original = synth.make_llama_gguf(d / "original.gguf", n_layer=4, n_embd=256, n_head=8, n_head_kv=2,

@@ -45,6 +45,7 @@ int main() {
         double us_new = std::chrono::duration<double, std::micro>(t1 - t0).count() / reps / nr;
         double us_old = std::chrono::duration<double, std::micro>(t3 - t2).count() / reps / nr;
         printf("n=%d k=%d %s rows: nth_element %.1f us/row, filtered (ggml_top_k) %.1f us/row (%d)\n", n, k, rising ? "rising" : "random", us_old, us_new, sink & 1);
+        ggml_threadpool_free(tp);
         ggml_free(ctx);
     }
 }

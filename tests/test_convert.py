@@ -334,7 +334,7 @@ def test_report_tool(wide_gguf: Path, tmp_path: Path) -> None:
             decode_top_k=128)
     text = subprocess.run([*tool, str(tuned)], capture_output=True, text=True, check=True).stdout
     assert ("runtime defaults: exact window, 4 sink tokens + 512 recent exact; decoding rebuilds the 128 best "
-            "latent keys") in text
+            "latent keys and attends the other latent cells at their scores") in text
     dense = subprocess.run([*tool, str(wide_gguf)], capture_output=True, text=True, check=True).stdout
     assert "not LoRC-converted" in dense
 
@@ -352,7 +352,7 @@ def test_design_card_command_is_calibrated_progressive_with_exact_cells(tiny_lla
     assert field(reader, constants.KEY_ALLOCATION) == "progressive"
     assert field(reader, constants.KEY_SINK_TOKENS) == constants.DEFAULT_SINK_TOKENS == 4
     assert field(reader, constants.KEY_RECENT_WINDOW) == constants.DEFAULT_RECENT_WINDOW
-    assert field(reader, constants.KEY_DECODE_TOP_K) == 0  # selection by default on sliding-window models only
+    assert field(reader, constants.KEY_DECODE_TOP_K) == constants.DEFAULT_DECODE_TOP_K == 64  # selection on
     names = {t.name for t in reader.tensors}
     # exact cells need the dense projections beside the factors
     assert {"blk.0.attn_k.weight", "blk.0.attn_k_down.weight", "blk.0.attn_v_up.weight"} <= names

@@ -33,7 +33,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     plain, hybrid, hybrid_top_k = d / "plain.gguf", d / "hybrid.gguf", d / "hybrid-top-k.gguf"
     convert(original, plain, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True)
     convert(original, hybrid, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True,
-            sink_tokens=4, recent_window=8)
+            sink_tokens=4, recent_window=8, decode_top_k=0)
     convert(original, hybrid_top_k, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True,
             sink_tokens=4, recent_window=8, decode_top_k=FEW)
     return {"plain": plain, "hybrid": hybrid, "hybrid-top-k": hybrid_top_k}
@@ -83,9 +83,9 @@ def test_invalid_top_k_is_refused(models):
 
 
 def test_attend_rest_overrides_the_default_rule(models):
-    # the toy's latent values (rank 64) are no wider than its 64-dim heads, so by default (-1) every
-    # layer attends the latent cells a decoded token does not rebuild: 1 runs the same graph (equal
-    # to the bit) and 0 leaves them out, which moves the logits as much as a small selection does
+    # by default (-1) every layer with latent values attends the latent cells a decoded token does not
+    # rebuild: 1 runs the same graph (equal to the bit) and 0 leaves them out, which moves the logits
+    # as much as a small selection does
     tokens = prompt(5)
     _, auto = decode_steps(models["plain"], FEW, tokens)
     _, on = decode_steps(models["plain"], FEW, tokens, lorc_attend_rest=1)

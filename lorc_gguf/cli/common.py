@@ -68,8 +68,7 @@ def add_settings_arguments(ap) -> None:
                          "lorc.recent_window)")
     ap.add_argument("--lorc-attend-rest", type=int, choices=(0, 1), metavar="{0,1}",
                     help="with --lorc-top-k: attend the latent cells a decoded token does not rebuild at their "
-                         "score's logits (1) or leave them out (0) in every layer (default: attended where the "
-                         "latent values are no wider than a head)")
+                         "score's logits (1, the runtime's default) or leave them out (0) in every layer")
 
 
 def runtime_overrides(args) -> dict[str, int]:

@@ -65,9 +65,10 @@ def convert_parser() -> argparse.ArgumentParser:
                          "the runtime can override both at load time)")
     ap.add_argument("--decode-top-k", type=int, default=None, metavar="K",
                     help="selective reconstruction by default: a decoded token rebuilds only the K latent keys "
-                         "per layer that score best in latent space (0 = every key; default %d for sliding-window "
-                         "models with the exact window, else 0; the runtime's context parameter lorc_top_k overrides "
-                         "it). A wider --recent-window lets a smaller K keep quality" % keys.DEFAULT_DECODE_TOP_K_SWA)
+                         "per layer that score best in latent space and attends the others at their scores (0 = every key; "
+                         "default %d with the exact window, %d for sliding-window models, else 0; the runtime's "
+                         "context parameter lorc_top_k overrides it)" % (keys.DEFAULT_DECODE_TOP_K,
+                                                                          keys.DEFAULT_DECODE_TOP_K_SWA))
     aw = ap.add_argument_group("activation-aware factorization (minimise the K/V output error on real inputs)")
     aw.add_argument("--method", choices=list(aware.METHODS),
                     help="svd-whiten (default): SVD of W*L, L L^T = E[x x^T] + ridge, on --calibration statistics. "

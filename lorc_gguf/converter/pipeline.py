@@ -94,8 +94,9 @@ class ConvertOptions:
     sink_tokens: int | None = None
     recent_window: int | None = None
     # selective reconstruction (runtime): a decoded token rebuilds only this many latent keys per
-    # layer, those scoring best in latent space (0 = every key). None: keys.DEFAULT_DECODE_TOP_K_SWA
-    # for a sliding-window model's file with the exact window and latent keys, else 0
+    # layer, those scoring best in latent space (0 = every key). None: keys.DEFAULT_DECODE_TOP_K (a
+    # sliding-window model's: DEFAULT_DECODE_TOP_K_SWA) for a file with the exact window and latent
+    # keys, else 0
     decode_top_k: int | None = None
 
     def validated(self) -> ConvertOptions:
@@ -185,12 +186,13 @@ class ConvertOptions:
                        recent_window=window if self.recent_window is None else self.recent_window)._with_sink_weight()
 
     def top_k_for(self, shape: ModelShape, allocation: Allocation) -> int:
-        """lorc.decode_top_k: as given, else the sliding-window default where the file has the exact
-        window and latent keys."""
+        """lorc.decode_top_k: as given, else the default where the file has the exact window and
+        latent keys (measured there only: the plain latent cache rebuilds every key)."""
         if self.decode_top_k is not None:
             return self.decode_top_k
-        selects = shape.sliding_window and self.exact_cells_requested and allocation.has_latent_keys
-        return keys.DEFAULT_DECODE_TOP_K_SWA if selects else 0
+        if not (self.exact_cells_requested and allocation.has_latent_keys):
+            return 0
+        return keys.DEFAULT_DECODE_TOP_K_SWA if shape.sliding_window else keys.DEFAULT_DECODE_TOP_K
 
     def _with_sink_weight(self) -> ConvertOptions:
         """The sink weight resolved once the exact cells are: the factorization carries the sinks

@@ -98,7 +98,8 @@ def format_description(info: dict[str, Any]) -> str:
     if info["lorc"]:
         hybrid = (f"exact window, {info['sink_tokens']} sink tokens + {info['recent_window']} recent exact"
                   if info["sink_tokens"] or info["recent_window"] else "plain latent cache")
-        top_k = (f"decoding rebuilds the {info['decode_top_k']} best latent keys" if info["decode_top_k"]
+        top_k = (f"decoding rebuilds the {info['decode_top_k']} best latent keys and attends the other latent "
+                 "cells at their scores" if info["decode_top_k"]
                  else "decoding rebuilds every latent key")
         lines.append(f"runtime defaults: {hybrid}; {top_k} (lorc_* context parameters override)")
     if not kappa and info["lorc"]:

@@ -47,11 +47,14 @@ MIN_RANK = 32
 # 384 is the narrowest window measured within +3% of the original at ctx 2048 on every held-out text
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_RECENT_WINDOW = 384
-# Selective reconstruction (lorc.decode_top_k) of a sliding-window model's file with the exact window:
-# Gemma-3-270M's defaults (window 512) with k = 128 decode at 0.94x the original at 8K within -0.06% /
-# +0.27% (news / drama, ctx 2048) of every key rebuilt; only its global layers (1 in 6) select. Other
-# files rebuild every key unless told: SmolLM2 at 4K on held-out drama, window 384 with k = 256 +1.55%,
-# window 512 with k = 128 +2.2% (README, "Selective reconstruction")
+# Selective reconstruction (lorc.decode_top_k) of a file with the exact window and latent keys; the
+# runtime attends the latent cells left out at their score's logits (lorc_attend_rest, on by default).
+# SmolLM2's defaults (4 + 384 exact) with k = 64, 4K, held-out text, against every key rebuilt:
+# drama -0.40%, decode ~0.8x the original on 2 CPU threads (README, "Selective reconstruction").
+# Sliding-window models: Gemma-3-270M's defaults (window 512) with k = 128 decode at 0.94x the original
+# at 8K within -0.06% / +0.27% (news / drama, ctx 2048) of every key rebuilt; only its global layers
+# (1 in 6) select
+DEFAULT_DECODE_TOP_K = 64
 DEFAULT_DECODE_TOP_K_SWA = 128
 
 # --- files beside a GGUF -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ class SessionParams:
     # the first sink tokens and a recent window ((0, 0) = plain latent cache), prompt queries per
     # block of the exact window's attention (0 = one block), latent keys rebuilt per decoded token
     # (0 = every key), the latent cells a decoded token does not rebuild attended at their score's
-    # logits (1) or left out (0); None: where latent values are no wider than a head
+    # logits (1, the runtime's default) or left out (0)
     lorc_sink_tokens: int | None = None
     lorc_recent_window: int | None = None
     lorc_prefill_block: int | None = None

@@ -1,8 +1,9 @@
 """The patched ggml-cpu kernels against plain references, as standalone programs (tests/kernels/)
 compiled against the programs build of the patched tree: top_k's filtered selection against a full
-sort, the vector row maximum against the scalar loop on every instruction set this machine runs, and
+sort, the vector row maximum against the scalar loop on every instruction set this machine runs,
 soft_max the same bits on 1, 2 and 3 threads (its rows split over all heads) and near a double
-softmax."""
+softmax, and out_prod of f16 and quantized rows the same bits on 1, 2 and 3 threads and near a double
+sum."""
 
 from __future__ import annotations
 
@@ -52,4 +53,12 @@ def test_soft_max_rows_split_over_heads_give_the_same_bits(bin_dir, tmp_path):
     # threads stepping nth + 1 rows instead of nth (rows left unwritten) made 1836 of the 3672 runs
     # differ and the reference's check fail
     out = run(programs.ggml_program(KERNELS / "soft_max_check.cpp", tmp_path / "soft_max_check", bin_dir))
+    assert "0 differ between thread counts" in out, out
+
+
+def test_out_prod_of_f16_and_quantized_rows(bin_dir, tmp_path):
+    # few dst rows split the row elements over the threads (whole vectors, whole q8_0 / q4_0 blocks);
+    # a quantized slice converted from the row's start instead of its own offset made 264 of the 520
+    # cases differ between thread counts (0.85 from the double sum)
+    out = run(programs.ggml_program(KERNELS / "out_prod_check.cpp", tmp_path / "out_prod_check", bin_dir))
     assert "0 differ between thread counts" in out, out

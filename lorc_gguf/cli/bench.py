@@ -44,7 +44,8 @@ def bench_parser():
                          "decoded token (lorc_top_k; 0 = all keys), e.g. 0,1024,512")
     add_settings_arguments(ap)
     ap.add_argument("--flash-attn", default="auto", choices=FLASH_ATTN_CHOICES,
-                    help="flash attention for every config (default auto = on; quantized V caches need it)")
+                    help="flash attention for every config (default auto = on); quantized V caches need it, so "
+                         "with off they alone run with it on")
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"prefill batch (default {DEFAULT_BATCH})")
     ap.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all cores)")
     ap.add_argument("--budget-mib", type=float, metavar="M", help="report the largest context whose KV cache "

@@ -72,12 +72,14 @@ def convert_widths(original: Path, widths: Sequence[float], cache_dir: Path, rec
 def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequence[str],
                   lorc_cache_types: Sequence[str], flash_attn: bool | None) -> list[ModelConfig]:
     """original f16, each LoRC f16, original with each quantized cache, each LoRC with each
-    quantized (latent) cache."""
+    quantized (latent) cache. With flash attention off, the quantized caches (whose V needs it) run
+    with it on, and their labels say so: the f16 configs then run their fastest CPU path."""
     configs = [original]
     lorc_configs = [make_config(p, flash_attn=flash_attn) for p in lorc]
     configs += lorc_configs
-    configs += [make_config(original.path, t, t, flash_attn, f"{original.label} [{t}]") for t in cache_types]
-    configs += [make_config(c.path, t, t, flash_attn, f"{c.label} [{t}]") for c in lorc_configs
+    q_fa, q_note = (True, ", flash attention") if flash_attn is False else (flash_attn, "")
+    configs += [make_config(original.path, t, t, q_fa, f"{original.label} [{t}{q_note}]") for t in cache_types]
+    configs += [make_config(c.path, t, t, q_fa, f"{c.label} [{t}{q_note}]") for c in lorc_configs
                 for t in lorc_cache_types]
     check_unique_labels(configs)
     return configs

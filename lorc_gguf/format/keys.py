@@ -49,8 +49,9 @@ DEFAULT_SINK_TOKENS = 4
 DEFAULT_RECENT_WINDOW = 384
 # Selective reconstruction (lorc.decode_top_k) of a file with the exact window and latent keys; the
 # runtime attends the latent cells left out at their score's logits (lorc_attend_rest, on by default).
-# SmolLM2's defaults (4 + 384 exact) with k = 64, 4K, held-out text, against every key rebuilt:
-# drama -0.40%, decode ~0.8x the original on 2 CPU threads (README, "Selective reconstruction").
+# SmolLM2's defaults (4 + 384 exact) with k = 64, against every key rebuilt on held-out text: drama
+# 4K -0.40%, news 4K -0.06%, drama 8K +0.41%; decode 0.65-0.80x the original at 4K on 2 CPU threads,
+# where every key rebuilt decodes at ~0.26x (README, "Selective reconstruction").
 # Sliding-window models: Gemma-3-270M's defaults (window 512) with k = 128 decode at 0.94x the original
 # at 8K within -0.06% / +0.27% (news / drama, ctx 2048) of every key rebuilt; only its global layers
 # (1 in 6) select

@@ -30,9 +30,10 @@ def bench_kernels_main(argv=None) -> int:
     env = dict(os.environ)
     if args.lib:
         env["LD_LIBRARY_PATH"] = str(args.lib)
+    bin_dir = programs.programs_dir()  # built or found once for both programs
     with tempfile.TemporaryDirectory() as tmp:
-        topk = programs.ggml_program(kernels / "topk_perf.cpp", Path(tmp) / "topk_perf")
-        soft_max = programs.ggml_program(kernels / "soft_max_perf.cpp", Path(tmp) / "soft_max_perf")
+        topk = programs.ggml_program(kernels / "topk_perf.cpp", Path(tmp) / "topk_perf", bin_dir)
+        soft_max = programs.ggml_program(kernels / "soft_max_perf.cpp", Path(tmp) / "soft_max_perf", bin_dir)
         for cmd in ([str(topk)], [str(soft_max), "1"], [str(soft_max), "2"]):
             proc = subprocess.run(cmd, env=env, text=True)
             if proc.returncode != 0:

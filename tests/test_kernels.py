@@ -2,8 +2,9 @@
 compiled against the programs build of the patched tree: top_k's filtered selection against a full
 sort, the vector row maximum against the scalar loop on every instruction set this machine runs,
 soft_max the same bits on 1, 2 and 3 threads (its rows split over all heads) and near a double
-softmax, and out_prod of f16 and quantized rows the same bits on 1, 2 and 3 threads and near a double
-sum."""
+softmax, out_prod of f16 and quantized rows the same bits on 1, 2 and 3 threads and near a double
+sum, and mul_mat of batches of small matrices (whole matrices per thread) the same bits on 1, 2 and 3
+threads and as each matrix alone."""
 
 from __future__ import annotations
 
@@ -62,3 +63,11 @@ def test_out_prod_of_f16_and_quantized_rows(bin_dir, tmp_path):
     # cases differ between thread counts (0.85 from the double sum)
     out = run(programs.ggml_program(KERNELS / "out_prod_check.cpp", tmp_path / "out_prod_check", bin_dir))
     assert "0 differ between thread counts" in out, out
+
+
+def test_mul_mat_batches_of_small_matrices(bin_dir, tmp_path):
+    # batches of at least 4 matrices per thread give each thread whole matrices; a thread reading
+    # its src0 matrix from the wrong index (i12/(r2 + 1) for i12/r2) made 252 of the 432 cases differ
+    # between thread counts
+    out = run(programs.ggml_program(KERNELS / "mul_mat_batch_check.cpp", tmp_path / "mul_mat_batch_check", bin_dir))
+    assert "0 differ between thread counts, 0 matrices differ from the matrix alone" in out, out

@@ -50,8 +50,9 @@ DEFAULT_RECENT_WINDOW = 384
 # Selective reconstruction (lorc.decode_top_k) of a file with the exact window and latent keys; the
 # runtime attends the latent cells left out at their score's logits (lorc_attend_rest, on by default).
 # SmolLM2's defaults (4 + 384 exact) with k = 64, against every key rebuilt on held-out text: drama
-# 4K -0.40%, news 4K -0.06%, drama 8K +0.41%; decode 0.78-0.87x the original at 4K and 1.06-1.17x at 16K on 2 CPU threads,
-# where every key rebuilt decodes at ~0.26x (README, "Selective reconstruction").
+# 4K -0.40%, news 4K -0.06%, drama 8K +0.41%; decode 0.78-0.87x the original at 4K and 1.06-1.17x
+# at 16K on 2 CPU threads, where every key rebuilt decodes at ~0.26x (README, "Selective
+# reconstruction").
 # Sliding-window models: Gemma-3-270M's defaults (window 512) with k = 128 decode at 0.94x the original
 # at 8K within -0.06% / +0.27% (news / drama, ctx 2048) of every key rebuilt; only its global layers
 # (1 in 6) select

@@ -379,10 +379,11 @@ def test_bench_lorc_top_k_labels(pair, tmp_path):
     assert [(c["label"], c["lorc_top_k"]) for c in configs] == [("original", 0), ("lorc", 0), ("lorc [top-8]", 8)]
 
 
-def test_interleaved_decode_takes_every_config_s_token_in_turn(monkeypatch):
-    # the order of the decode calls is the whole point of --interleave: each session's i-th token
-    # before any session's (i+1)-th, after every session has prefilled; each session's own state size
-    # and decode time come back in its own slot
+def test_interleaved_bench_takes_every_config_s_chunk_and_token_in_turn(monkeypatch):
+    # the order of the calls is the whole point of --interleave: each session's i-th prompt chunk
+    # before any session's (i+1)-th, logits only for the prompt's last token, then each session's i-th
+    # decoded token before any session's (i+1)-th; each session's own state size and times come back
+    # in its own slot
     from lorc_gguf.evaluation import bench
 
     calls = []
@@ -390,26 +391,31 @@ def test_interleaved_decode_takes_every_config_s_token_in_turn(monkeypatch):
     class FakeSession:
         def __init__(self, name, state):
             self.name, self.state = name, state
+            self.params = type("Params", (), {"n_batch": 4})()
 
         def clear(self):
             calls.append((self.name, "clear"))
 
         def seq_rm(self, seq_id, p0, p1):
+            calls.append((self.name, "seq_rm", p0))
             return True
 
         def seq_state_size(self, seq_id):
             return self.state
 
-    def fake_decode(session, tokens, pos0=0):
-        calls.append((session.name, len(tokens), pos0))
+    def fake_decode(session, tokens, pos0=0, outputs_from=None):
+        calls.append((session.name, len(tokens), pos0, outputs_from))
 
     monkeypatch.setattr(bench, "decode_tokens", fake_decode)
     a, b = FakeSession("a", 11), FakeSession("b", 22)
     prompt = list(range(10))
     out = bench.measure_interleaved([a, b], [prompt, prompt], 10, 3)
-    decodes = [c for c in calls if c[1] != "clear"]
-    assert decodes == [("a", 10, 0), ("b", 10, 0), ("a", 1, 7), ("b", 1, 7), ("a", 1, 8), ("b", 1, 8),
-                       ("a", 1, 9), ("b", 1, 9)]
+    assert calls[:2] == [("a", "clear"), ("b", "clear")]
+    assert calls[2:8] == [("a", 4, 0, 4), ("b", 4, 0, 4), ("a", 4, 4, 4), ("b", 4, 4, 4),
+                          ("a", 2, 8, None), ("b", 2, 8, None)]
+    assert calls[8:10] == [("a", "seq_rm", 7), ("b", "seq_rm", 7)]
+    assert calls[10:-2] == [("a", 1, 7, None), ("b", 1, 7, None), ("a", 1, 8, None), ("b", 1, 8, None),
+                            ("a", 1, 9, None), ("b", 1, 9, None)]
     assert [o[2] for o in out] == [11, 22] and all(o[0] >= 0 and o[1] >= 0 for o in out)
     assert calls[-2:] == [("a", "clear"), ("b", "clear")]
 

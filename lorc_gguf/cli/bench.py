@@ -50,9 +50,10 @@ def bench_parser():
     ap.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all cores)")
     ap.add_argument("--budget-mib", type=float, metavar="M", help="report the largest context whose KV cache "
                     "fits M MiB for each config")
-    ap.add_argument("--interleave", action="store_true", help="decode one token of every config in turn "
-                    "(each config's i-th token before any config's next), so that a machine whose speed drifts "
-                    "slows every config alike (default: one config's tokens after another's)")
+    ap.add_argument("--interleave", action="store_true", help="prefill one n_batch chunk, then decode one "
+                    "token, of every config in turn (each config's i-th chunk or token before any config's next), "
+                    "so that a machine whose speed drifts slows every config alike (default: one config after "
+                    "another)")
     ap.add_argument("--quick", action="store_true", help="short run: contexts 256,1024, 1 repeat, 8 decode "
                     "tokens, no q4_0 cache")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")

@@ -88,16 +88,35 @@ def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequ
 def prefill(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> float:
     """Seconds to prefill ``n_ctx`` tokens of ``prompt`` into a cleared ``session``, which is then cut back
     to depth ``n_ctx - n_decode`` for the decoded tokens."""
-    session.clear()
-    t0 = time.perf_counter()
-    decode_tokens(session, list(prompt[:n_ctx]))
-    t1 = time.perf_counter()
+    return prefill_interleaved([session], [prompt], n_ctx, n_decode)[0]
+
+
+def prefill_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,
+                        n_decode: int) -> list[float]:
+    """``prefill`` for every session at once, one n_batch chunk of each in turn (logits for the prompt's
+    last token only), each session's seconds summed over its own chunks; then every session is cut back
+    to depth ``n_ctx - n_decode``."""
+    for s in sessions:
+        s.clear()
+    n_batch = {s.params.n_batch for s in sessions}
+    if len(n_batch) != 1:
+        raise LorcError(f"interleaved prefill needs one n_batch for every session: {sorted(n_batch)}")
+    nb = n_batch.pop()
+    secs = [0.0] * len(sessions)
+    for start in range(0, n_ctx, nb):
+        end = min(start + nb, n_ctx)
+        for j, (s, p) in enumerate(zip(sessions, prompts)):
+            t0 = time.perf_counter()
+            # no logits but for the prompt's last token: outputs from index end - start is none of the chunk's
+            decode_tokens(s, list(p[start:end]), start, outputs_from=None if end == n_ctx else end - start)
+            secs[j] += time.perf_counter() - t0
     depth = n_ctx - n_decode
-    if not session.seq_rm(0, depth, -1):
-        # an exact window refuses a cut past its overwritten cells (more than n_ubatch tokens back)
-        raise LorcError(f"the cache refused to cut the prompt back to {depth} tokens: decode fewer than "
-                        f"{n_decode} tokens or raise n_ubatch")
-    return t1 - t0
+    for s in sessions:
+        if not s.seq_rm(0, depth, -1):
+            # an exact window refuses a cut past its overwritten cells (more than n_ubatch tokens back)
+            raise LorcError(f"the cache refused to cut the prompt back to {depth} tokens: decode fewer than "
+                            f"{n_decode} tokens or raise n_ubatch")
+    return secs
 
 
 def decode_one(session, prompt: Sequence[int], pos: int) -> float:
@@ -116,11 +135,12 @@ def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[
 
 def measure_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,
                         n_decode: int) -> list[tuple[float, float, int]]:
-    """``measure`` for every session at once, the decoded tokens taken in turn: each session prefills,
-    then each decodes its first token, then each its second, ... A machine whose speed drifts over
-    seconds (a shared virtual machine) then slows every configuration alike, where decoding them one
-    after another puts the drift between them."""
-    pf = [prefill(s, p, n_ctx, n_decode) for s, p in zip(sessions, prompts)]
+    """``measure`` for every session at once, the prompt's chunks and the decoded tokens taken in turn:
+    each session prefills its first n_batch chunk, then each its second, ...; then each decodes its
+    first token, then each its second, ... A machine whose speed drifts over seconds (a shared virtual
+    machine) then slows every configuration alike, where measuring them one after another puts the
+    drift between them."""
+    pf = prefill_interleaved(sessions, prompts, n_ctx, n_decode)
     dec = [0.0] * len(sessions)
     depth = n_ctx - n_decode
     for i in range(n_decode):
@@ -216,7 +236,8 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                          "statistic": "median over repeats",
                          "prefill": "n_ctx-token prompt in n_batch chunks, logits for the last token only",
                          "decode": "single-token decode calls with logits at depth n_ctx - decode_tokens",
-                         "decode_order": ("interleaved: every config's i-th token before any config's (i+1)-th"
+                         "decode_order": ("interleaved: every config's i-th prompt chunk and i-th decoded token before any "
+                                          "config's (i+1)-th"
                                           if interleave else "one config after another")},
             "configs": config_rows, "results": results,
             "elapsed_s": round(time.perf_counter() - started, 1)}
@@ -247,7 +268,7 @@ def format_bench(report: dict[str, Any]) -> str:
     s = report["settings"]
     return (table(rows, right_from=2) +
             f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}"
-            f"{', interleaved across configs' if s.get('decode_order', '').startswith('interleaved') else ''}),"
+            f"{'; prompt chunks and tokens interleaved across configs' if s.get('decode_order', '').startswith('interleaved') else ''}),"
             f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
             f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
             f"(sinks + window), not in KV B/tok; MiB = the serialized state of one sequence at the largest context "

@@ -1,8 +1,9 @@
-// out_prod of f16, q8_0 and q4_0 rows against f32 weights (plain and a transposed view), few dst rows
-// against long sums (the path that splits the row elements over the threads) and shapes that take the
-// row-split path, on 1, 2 and 3 threads: the outputs must be the same bits on every thread count and
-// near a double-precision sum over the dequantized rows. Prints the largest difference relative to
-// the sum of the terms' magnitudes.
+// out_prod of f16, q8_0, q4_0 and bf16 rows against f32 weights (plain and a transposed view), few dst
+// rows against long sums (the path that splits the row elements over the threads; bf16 rows in pairs
+// with bf16 dot products where the CPU has them) and shapes that take the row-split path, on 1, 2 and
+// 3 threads: the outputs must be the same bits on every thread count and near a double-precision sum
+// over the dequantized rows (bf16 rows: against the weights rounded to bf16, as the op takes them).
+// Prints the largest difference relative to the sum of the terms' magnitudes.
 #include "ggml.h"
 #include "ggml-cpu.h"
 #include <cmath>
@@ -15,7 +16,7 @@ int main() {
     double worst = 0.0;
     std::mt19937 rng(7);
     std::normal_distribution<float> nd(0, 1);
-    for (ggml_type type : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0}) {
+    for (ggml_type type : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_BF16}) {
       for (int ne0 : {32, 96, 100, 160, 608}) {
         if (ne0 % ggml_blck_size(type) != 0) continue;
         for (int n : {1, 4, 9, 32, 40}) {           // 40 dst rows: the row-split path
@@ -28,6 +29,8 @@ int main() {
               ggml_tensor * a = ggml_new_tensor_2d(ctx, type, ne0, k);
               if (type == GGML_TYPE_F16) {
                 ggml_fp32_to_fp16_row(af.data(), (ggml_fp16_t *) a->data, (int64_t) ne0*k);
+              } else if (type == GGML_TYPE_BF16) {
+                ggml_fp32_to_bf16_row(af.data(), (ggml_bf16_t *) a->data, (int64_t) ne0*k);
               } else {
                 ggml_quantize_chunk(type, af.data(), a->data, 0, k, ne0, nullptr);
               }
@@ -60,7 +63,10 @@ int main() {
                 for (int i = 0; i < ne0; i++) {
                   double sum = 0.0, mag = 0.0;
                   for (int c = 0; c < k; c++) {
-                    const float w = *(const float *) ((const char *) b->data + j*b->nb[0] + c*b->nb[1]);
+                    float w = *(const float *) ((const char *) b->data + j*b->nb[0] + c*b->nb[1]);
+                    if (type == GGML_TYPE_BF16) {
+                      w = ggml_bf16_to_fp32(ggml_fp32_to_bf16(w));
+                    }
                     sum += (double) ad[(size_t) c*ne0 + i]*w;
                     mag += fabs((double) ad[(size_t) c*ne0 + i]*w);
                   }

@@ -357,13 +357,13 @@ def test_bad_top_k_or_decode_tail_is_one_line_and_exit_2(pair, argv, message, ca
 
 def test_bench_runs_quantized_caches_with_flash_attention_when_it_is_off(pair):
     # llama.cpp refuses a quantized V cache without flash attention: bench's own quantized configs take
-    # it (labelled) while the f16 ones keep the requested path
+    # it (labelled) while the f16 and bf16 ones keep the requested path
     from lorc_gguf.evaluation.bench import build_configs
     original, lorc = pair
-    configs = build_configs(make_config(original, flash_attn=False), [lorc], ["q8_0"], ["q4_0"], False)
+    configs = build_configs(make_config(original, flash_attn=False), [lorc], ["q8_0"], ["q4_0", "bf16"], False)
     assert [(c.label, c.fa) for c in configs] == [
         ("original", False), ("lorc", False), ("original [q8_0, flash attention]", True),
-        ("lorc [q4_0, flash attention]", True)]
+        ("lorc [q4_0, flash attention]", True), ("lorc [bf16]", False)]
     auto = build_configs(make_config(original), [lorc], ["q8_0"], [], None)
     assert [(c.label, c.fa) for c in auto] == [("original", True), ("lorc", True), ("original [q8_0]", True)]
 

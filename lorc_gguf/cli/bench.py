@@ -37,7 +37,7 @@ def bench_parser():
                     "--quick 8)")
     ap.add_argument("--cache-types", default="q8_0,q4_0", help="quantized caches to run ORIGINAL with "
                     "(default q8_0,q4_0; '' for none)")
-    ap.add_argument("--lorc-cache-types", default="q8_0", help="quantized latent caches to run each LoRC "
+    ap.add_argument("--lorc-cache-types", default="q8_0", help="latent cache types to run each LoRC "
                     "model with (default q8_0; '' for none)")
     ap.add_argument("--lorc-top-k", metavar="K,...",
                     help="run every LoRC model once per value with selective reconstruction of K keys per "

@@ -22,7 +22,7 @@ from ..corpus import eval_text
 from ..errors import LorcError
 from ..format.info import gguf_info, lorc_ranks
 from ..runtime.decoding import bos_token, decode_tokens
-from .configs import ModelConfig, check_unique_labels, default_threads, make_config, open_session
+from .configs import QUANTIZED_CACHE_TYPES, ModelConfig, check_unique_labels, default_threads, make_config, open_session
 from .kv import measure_kv_bytes
 from .machine import machine_info, versions
 from .tables import table
@@ -71,15 +71,20 @@ def convert_widths(original: Path, widths: Sequence[float], cache_dir: Path, rec
 
 def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequence[str],
                   lorc_cache_types: Sequence[str], flash_attn: bool | None) -> list[ModelConfig]:
-    """original f16, each LoRC f16, original with each quantized cache, each LoRC with each
-    quantized (latent) cache. With flash attention off, the quantized caches (whose V needs it) run
-    with it on, and their labels say so: the f16 configs then run their fastest CPU path."""
+    """original f16, each LoRC f16, original with each other cache type, each LoRC with each other
+    (latent) cache type. With flash attention off, the quantized caches (whose V needs it) run with
+    it on, and their labels say so: the f16 configs then run their fastest CPU path. A bf16 or f32
+    cache runs as asked."""
     configs = [original]
     lorc_configs = [make_config(p, flash_attn=flash_attn) for p in lorc]
     configs += lorc_configs
-    q_fa, q_note = (True, ", flash attention") if flash_attn is False else (flash_attn, "")
-    configs += [make_config(original.path, t, t, q_fa, f"{original.label} [{t}{q_note}]") for t in cache_types]
-    configs += [make_config(c.path, t, t, q_fa, f"{c.label} [{t}{q_note}]") for c in lorc_configs
+
+    def fa(t: str) -> tuple[bool | None, str]:
+        needs = t in QUANTIZED_CACHE_TYPES and flash_attn is False
+        return (True, ", flash attention") if needs else (flash_attn, "")
+
+    configs += [make_config(original.path, t, t, fa(t)[0], f"{original.label} [{t}{fa(t)[1]}]") for t in cache_types]
+    configs += [make_config(c.path, t, t, fa(t)[0], f"{c.label} [{t}{fa(t)[1]}]") for c in lorc_configs
                 for t in lorc_cache_types]
     check_unique_labels(configs)
     return configs

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time the patched top_k and soft_max kernels: see lorc_gguf/cli/bench_kernels.py.
+"""Time the patched top_k, soft_max and out_prod kernels: see lorc_gguf/cli/bench_kernels.py.
 
     python tools/bench_kernels.py [--lib DIR]
 """

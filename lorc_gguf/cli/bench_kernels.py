@@ -1,11 +1,12 @@
-"""Time the patched top_k and soft_max kernels (tests/kernels/*_perf.cpp) on this machine.
+"""Time the patched top_k, soft_max and out_prod kernels (tests/kernels/*_perf.cpp) on this machine.
 
     python tools/bench_kernels.py                  # against the programs build of the patched tree
     python tools/bench_kernels.py --lib DIR        # the same programs on another build's libraries
 
 top_k: 30 rows of 4096 and 16,384 random or rising values, k = 64, one thread, against nth_element
 over every index on the same rows. soft_max: 9 heads of one row of 4480 with an f16 mask, best of 7
-runs of 2000, on 1 and 2 threads. Needs a checkout (the programs' sources are in tests/kernels/).
+runs of 2000, on 1 and 2 threads. out_prod: 16,384 f16 and bf16 rows of 96 / 128 / 160 against 9
+dst rows (a transposed view), best of 7 runs of 50, on 2 threads. Needs a checkout (the programs' sources are in tests/kernels/).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ def bench_kernels_main(argv=None) -> int:
     env = dict(os.environ)
     if args.lib:
         env["LD_LIBRARY_PATH"] = str(args.lib)
-    bin_dir = programs.programs_dir()  # built or found once for both programs
+    bin_dir = programs.programs_dir()  # built or found once for every program
     with tempfile.TemporaryDirectory() as tmp:
         topk = programs.ggml_program(kernels / "topk_perf.cpp", Path(tmp) / "topk_perf", bin_dir)
         soft_max = programs.ggml_program(kernels / "soft_max_perf.cpp", Path(tmp) / "soft_max_perf", bin_dir)
-        for cmd in ([str(topk)], [str(soft_max), "1"], [str(soft_max), "2"]):
+        out_prod = programs.ggml_program(kernels / "out_prod_perf.cpp", Path(tmp) / "out_prod_perf", bin_dir)
+        for cmd in ([str(topk)], [str(soft_max), "1"], [str(soft_max), "2"], [str(out_prod), "2"]):
             proc = subprocess.run(cmd, env=env, text=True)
             if proc.returncode != 0:
                 return proc.returncode

@@ -3,8 +3,8 @@ compiled against the programs build of the patched tree: top_k's filtered select
 sort, the vector row maximum against the scalar loop on every instruction set this machine runs,
 soft_max the same bits on 1, 2 and 3 threads (its rows split over all heads) and near a double
 softmax, out_prod of f16, quantized and bf16 rows the same bits on 1, 2 and 3 threads and near a
-double sum, and mul_mat of batches of small matrices (whole matrices per thread) the same bits on 1, 2 and 3
-threads and as each matrix alone."""
+double sum, and mul_mat of batches of small matrices (whole matrices per thread) the same bits on 1,
+2 and 3 threads and as each matrix alone."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 top_k: 30 rows of 4096 and 16,384 random or rising values, k = 64, one thread, against nth_element
 over every index on the same rows. soft_max: 9 heads of one row of 4480 with an f16 mask, best of 7
 runs of 2000, on 1 and 2 threads. out_prod: 16,384 f16 and bf16 rows of 96 / 128 / 160 against 9
-dst rows (a transposed view), best of 7 runs of 50, on 2 threads. Needs a checkout (the programs' sources are in tests/kernels/).
+dst rows (a transposed view), best of 7 runs of 50, on 2 threads. Needs a checkout (the programs'
+sources are in tests/kernels/).
 """
 
 from __future__ import annotations

@@ -79,13 +79,13 @@ def build_configs(original: ModelConfig, lorc: Sequence[Path], cache_types: Sequ
     lorc_configs = [make_config(p, flash_attn=flash_attn) for p in lorc]
     configs += lorc_configs
 
-    def fa(t: str) -> tuple[bool | None, str]:
-        needs = t in QUANTIZED_CACHE_TYPES and flash_attn is False
-        return (True, ", flash attention") if needs else (flash_attn, "")
+    def with_cache(c: ModelConfig, t: str) -> ModelConfig:
+        if t in QUANTIZED_CACHE_TYPES and flash_attn is False:
+            return make_config(c.path, t, t, True, f"{c.label} [{t}, flash attention]")
+        return make_config(c.path, t, t, flash_attn, f"{c.label} [{t}]")
 
-    configs += [make_config(original.path, t, t, fa(t)[0], f"{original.label} [{t}{fa(t)[1]}]") for t in cache_types]
-    configs += [make_config(c.path, t, t, fa(t)[0], f"{c.label} [{t}{fa(t)[1]}]") for c in lorc_configs
-                for t in lorc_cache_types]
+    configs += [with_cache(original, t) for t in cache_types]
+    configs += [with_cache(c, t) for c in lorc_configs for t in lorc_cache_types]
     check_unique_labels(configs)
     return configs
 

@@ -416,7 +416,7 @@ def test_interleaved_bench_takes_every_config_s_chunk_and_token_in_turn(monkeypa
     assert calls[8:10] == [("a", "seq_rm", 7), ("b", "seq_rm", 7)]
     assert calls[10:-2] == [("a", 1, 7, None), ("b", 1, 7, None), ("a", 1, 8, None), ("b", 1, 8, None),
                             ("a", 1, 9, None), ("b", 1, 9, None)]
-    assert [o[2] for o in out] == [11, 22] and all(o[0] >= 0 and o[1] >= 0 for o in out)
+    assert [o[2] for o in out] == [11, 22] and all(o[0] >= 0 and len(o[1]) == 3 and min(o[1]) >= 0 for o in out)
     assert calls[-2:] == [("a", "clear"), ("b", "clear")]
 
 
@@ -430,7 +430,30 @@ def test_bench_interleave_is_recorded(pair, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["settings"]["decode_order"].startswith("interleaved")
     assert [len(r["decode_s"]) for r in report["results"]] == [2, 2]
+    for r in report["results"]:
+        assert [len(t) for t in r["decode_token_s"]] == [2, 2]
+        assert sum(r["decode_token_s"][0]) == pytest.approx(r["decode_s"][0])
+        assert r["decode_speedup"]["tokens"] == 4
+    # the first config against itself: every pair is one token over itself
+    assert report["results"][0]["decode_speedup"]["median"] == 1
     assert "interleaved across configs" in capsys.readouterr().out
+
+
+def test_paired_speedup_is_per_token_and_ignores_a_stall():
+    # config b decodes every token in half the time of a, in the same round; the machine drifts
+    # 3x slower over the repeat (both configs alike) and one of b's tokens stalls 100x: the ratio of
+    # sums says b is ten times slower, the per-token median still 2x faster
+    from lorc_gguf.evaluation.bench import paired_speedup
+
+    drift = [1.0, 1.5, 2.0, 2.5, 3.0]
+    a = [(0.0, [d * 0.02 for d in drift])]
+    b_tokens = [d * 0.01 for d in drift]
+    b_tokens[2] *= 100
+    b = [(0.0, b_tokens)]
+    got = paired_speedup(a, b)
+    assert got["median"] == pytest.approx(2.0) and got["tokens"] == 5
+    assert got["q1"] == pytest.approx(2.0) and got["q3"] == pytest.approx(2.0)
+    assert sum(a[0][1]) / sum(b_tokens) < 0.1
 
 
 def test_runtime_settings_passed_are_recorded(pair, tmp_path):

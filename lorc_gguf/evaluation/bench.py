@@ -131,31 +131,45 @@ def decode_one(session, prompt: Sequence[int], pos: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[float, float, int]:
-    """(prefill seconds for ``n_ctx`` tokens, decode seconds for ``n_decode`` single-token calls at
+def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[float, list[float], int]:
+    """(prefill seconds for ``n_ctx`` tokens, the seconds of each of ``n_decode`` single-token calls at
     depth ``n_ctx - n_decode``, the bytes of the n_ctx-token sequence's serialized state: every
     cell its caches hold, 12 bytes of metadata each, and a header)."""
     return measure_interleaved([session], [prompt], n_ctx, n_decode)[0]
 
 
 def measure_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,
-                        n_decode: int) -> list[tuple[float, float, int]]:
+                        n_decode: int) -> list[tuple[float, list[float], int]]:
     """``measure`` for every session at once, the prompt's chunks and the decoded tokens taken in turn:
     each session prefills its first n_batch chunk, then each its second, ...; then each decodes its
     first token, then each its second, ... A machine whose speed drifts over seconds (a shared virtual
     machine) then slows every configuration alike, where measuring them one after another puts the
     drift between them."""
     pf = prefill_interleaved(sessions, prompts, n_ctx, n_decode)
-    dec = [0.0] * len(sessions)
+    dec: list[list[float]] = [[] for _ in sessions]
     depth = n_ctx - n_decode
     for i in range(n_decode):
         for j, (s, p) in enumerate(zip(sessions, prompts)):
-            dec[j] += decode_one(s, p, depth + i)
+            dec[j].append(decode_one(s, p, depth + i))
     out = []
     for s, a, b in zip(sessions, pf, dec):
         out.append((a, b, s.seq_state_size(0)))
         s.clear()
     return out
+
+
+def paired_speedup(base: Sequence[tuple[float, Sequence[float]]],
+                   other: Sequence[tuple[float, Sequence[float]]]) -> dict[str, float]:
+    """Decode speed against the first config from interleaved runs, token by token: for each decoded
+    token (each repeat's i-th, measured in the same round as the first config's i-th) the ratio of the
+    first config's seconds to this one's; their median and quartiles. A stall of the machine lands on
+    a few tokens of one config, where it moves a ratio of sums; a slow drift over seconds moves both
+    tokens of a pair alike."""
+    ratios = sorted(b / o for (_, bt), (_, ot) in zip(base, other) for b, o in zip(bt, ot) if o > 0)
+    if not ratios:
+        raise LorcError("no decoded tokens to compare")
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": q[1], "q1": q[0], "q3": q[2], "tokens": len(ratios)}
 
 
 def _prompt(session, n: int) -> list[int]:
@@ -193,7 +207,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
             for c, s, p in zip(configs, sessions, prompts):
                 if c.label not in kv:
                     kv[c.label] = measure_kv_bytes(s, p)
-            times: dict[str, list[tuple[float, float]]] = {c.label: [] for c in configs}
+            times: dict[str, list[tuple[float, list[float]]]] = {c.label: [] for c in configs}
             state: dict[str, int] = {}
             for r in range(repeats):
                 k = r % len(configs)
@@ -207,19 +221,24 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                     times[configs[i].label].append((pf, dec))
                     if log:
                         log(f"ctx {n_ctx} repeat {r + 1}/{repeats} {configs[i].label}: "
-                            f"prefill {n_ctx / pf:.1f} tok/s, decode {decode_tokens_n / dec:.2f} tok/s")
+                            f"prefill {n_ctx / pf:.1f} tok/s, decode {decode_tokens_n / sum(dec):.2f} tok/s")
         finally:
             for s in sessions:
                 s.close()
+        base = times[configs[0].label]
         for c in configs:
             pf = [t[0] for t in times[c.label]]
-            dec = [t[1] for t in times[c.label]]
-            results.append({"config": c.label, "n_ctx": n_ctx, "prefill_tokens": n_ctx,
-                            "decode_tokens": decode_tokens_n, "decode_depth": n_ctx - decode_tokens_n,
-                            "prefill_s": pf, "decode_s": dec,
-                            "prefill_tps": n_ctx / statistics.median(pf),
-                            "decode_tps": decode_tokens_n / statistics.median(dec),
-                            "state_bytes": state[c.label]})
+            dec = [sum(t[1]) for t in times[c.label]]
+            row = {"config": c.label, "n_ctx": n_ctx, "prefill_tokens": n_ctx,
+                   "decode_tokens": decode_tokens_n, "decode_depth": n_ctx - decode_tokens_n,
+                   "prefill_s": pf, "decode_s": dec,
+                   "prefill_tps": n_ctx / statistics.median(pf),
+                   "decode_tps": decode_tokens_n / statistics.median(dec),
+                   "state_bytes": state[c.label]}
+            if interleave:
+                row["decode_token_s"] = [t[1] for t in times[c.label]]
+                row["decode_speedup"] = paired_speedup(base, times[c.label])
+            results.append(row)
     machine["loadavg_end"] = list(os.getloadavg())
     config_rows = []
     for c in configs:
@@ -239,6 +258,9 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
             "settings": {"contexts": contexts, "repeats": repeats, "decode_tokens": decode_tokens_n,
                          "n_batch": n_batch, "threads": threads, "budget_mib": budget_mib,
                          "statistic": "median over repeats",
+                         "decode_speedup": ("interleaved runs only: the median and quartiles over decoded tokens "
+                                            "of the first config's seconds for its token over this config's "
+                                            "for the same token of the same round"),
                          "prefill": "n_ctx-token prompt in n_batch chunks, logits for the last token only",
                          "decode": "single-token decode calls with logits at depth n_ctx - decode_tokens",
                          "decode_order": ("interleaved: every config's i-th prompt chunk and i-th decoded token before any "
@@ -263,7 +285,8 @@ def format_bench(report: dict[str, Any]) -> str:
                str(c["kv_exact_cells"]) if c["kv_exact_cells"] else "-"]
         for n in contexts:
             r = by[(c["label"], n)]
-            row.append(f"{r['prefill_tps']:.0f}/{r['decode_tps']:.1f}")
+            paired = f" x{r['decode_speedup']['median']:.2f}" if "decode_speedup" in r else ""
+            row.append(f"{r['prefill_tps']:.0f}/{r['decode_tps']:.1f}{paired}")
         last = by[(c["label"], contexts[-1])]
         row.append(f"{last['state_bytes'] / MIB:.1f}" if "state_bytes" in last else "-")
         if budget is not None:
@@ -273,7 +296,7 @@ def format_bench(report: dict[str, Any]) -> str:
     s = report["settings"]
     return (table(rows, right_from=2) +
             f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}"
-            f"{'; prompt chunks and tokens interleaved across configs' if s.get('decode_order', '').startswith('interleaved') else ''}),"
+            f"{'; prompt chunks and tokens interleaved across configs, x = median per-token decode speed against the first row' if s.get('decode_order', '').startswith('interleaved') else ''}),"
             f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
             f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
             f"(sinks + window), not in KV B/tok; MiB = the serialized state of one sequence at the largest context "

@@ -446,14 +446,13 @@ def test_paired_speedup_is_per_token_and_ignores_a_stall():
     from lorc_gguf.evaluation.bench import paired_speedup
 
     drift = [1.0, 1.5, 2.0, 2.5, 3.0]
-    a = [(0.0, [d * 0.02 for d in drift])]
+    a = [[d * 0.02 for d in drift]]
     b_tokens = [d * 0.01 for d in drift]
     b_tokens[2] *= 100
-    b = [(0.0, b_tokens)]
-    got = paired_speedup(a, b)
+    got = paired_speedup(a, [b_tokens])
     assert got["median"] == pytest.approx(2.0) and got["tokens"] == 5
     assert got["q1"] == pytest.approx(2.0) and got["q3"] == pytest.approx(2.0)
-    assert sum(a[0][1]) / sum(b_tokens) < 0.1
+    assert sum(a[0]) / sum(b_tokens) < 0.1
 
 
 def test_runtime_settings_passed_are_recorded(pair, tmp_path):

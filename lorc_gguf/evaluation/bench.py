@@ -158,14 +158,13 @@ def measure_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_
     return out
 
 
-def paired_speedup(base: Sequence[tuple[float, Sequence[float]]],
-                   other: Sequence[tuple[float, Sequence[float]]]) -> dict[str, float]:
-    """Decode speed against the first config from interleaved runs, token by token: for each decoded
-    token (each repeat's i-th, measured in the same round as the first config's i-th) the ratio of the
-    first config's seconds to this one's; their median and quartiles. A stall of the machine lands on
-    a few tokens of one config, where it moves a ratio of sums; a slow drift over seconds moves both
-    tokens of a pair alike."""
-    ratios = sorted(b / o for (_, bt), (_, ot) in zip(base, other) for b, o in zip(bt, ot) if o > 0)
+def paired_speedup(base: Sequence[Sequence[float]], other: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Decode speed against the first config from interleaved runs (each repeat's seconds of each
+    decoded token), token by token: for each decoded token (each repeat's i-th, measured in the same
+    round as the first config's i-th) the ratio of the first config's seconds to this one's; their
+    median and quartiles. A stall of the machine lands on a few tokens of one config, where it moves a
+    ratio of sums; a slow drift over seconds moves both tokens of a pair alike."""
+    ratios = sorted(b / o for bt, ot in zip(base, other) for b, o in zip(bt, ot))
     if not ratios:
         raise LorcError("no decoded tokens to compare")
     q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
@@ -225,10 +224,11 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
         finally:
             for s in sessions:
                 s.close()
-        base = times[configs[0].label]
+        base = [t[1] for t in times[configs[0].label]]
         for c in configs:
             pf = [t[0] for t in times[c.label]]
-            dec = [sum(t[1]) for t in times[c.label]]
+            tokens = [t[1] for t in times[c.label]]
+            dec = [sum(t) for t in tokens]
             row = {"config": c.label, "n_ctx": n_ctx, "prefill_tokens": n_ctx,
                    "decode_tokens": decode_tokens_n, "decode_depth": n_ctx - decode_tokens_n,
                    "prefill_s": pf, "decode_s": dec,
@@ -236,8 +236,8 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                    "decode_tps": decode_tokens_n / statistics.median(dec),
                    "state_bytes": state[c.label]}
             if interleave:
-                row["decode_token_s"] = [t[1] for t in times[c.label]]
-                row["decode_speedup"] = paired_speedup(base, times[c.label])
+                row["decode_token_s"] = tokens
+                row["decode_speedup"] = paired_speedup(base, tokens)
             results.append(row)
     machine["loadavg_end"] = list(os.getloadavg())
     config_rows = []

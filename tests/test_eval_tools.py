@@ -434,8 +434,14 @@ def test_bench_interleave_is_recorded(pair, tmp_path, capsys):
         assert [len(t) for t in r["decode_token_s"]] == [2, 2]
         assert sum(r["decode_token_s"][0]) == pytest.approx(r["decode_s"][0])
         assert r["decode_speedup"]["tokens"] == 4
-    # the first config against itself: every pair is one token over itself
+        assert r["prefill_speedup"]["repeats"] == 2
+    # the first config against itself: every pair is one token (one prefill) over itself
     assert report["results"][0]["decode_speedup"]["median"] == 1
+    assert report["results"][0]["prefill_speedup"] == {"median": 1, "min": 1, "max": 1, "repeats": 2}
+    # the second config's ratio is its own round's: the first config's seconds over its seconds
+    first, second = report["results"]
+    ratios = sorted(a / b for a, b in zip(first["prefill_s"], second["prefill_s"]))
+    assert second["prefill_speedup"]["min"] == ratios[0] and second["prefill_speedup"]["max"] == ratios[1]
     assert "interleaved across configs" in capsys.readouterr().out
 
 
@@ -464,15 +470,28 @@ def test_runtime_settings_passed_are_recorded(pair, tmp_path):
     assert eval_main([str(lorc), "--chunks", "1", "--text", "docs", *common, str(tmp_path / "a.json"), "-q",
                          *THREADS]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["runtime_overrides"] == {}
-    window = ["--lorc-recent-window", "16"]
+    window = ["--lorc-recent-window", "16", "--lorc-prefill-block", "8"]
     assert eval_main([str(lorc), "--chunks", "1", "--text", "docs", *window, *common, str(tmp_path / "b.json"),
                          "-q", *THREADS]) == 0
     assert bench_main([str(original), str(lorc), "--repeats", "1", "--decode-tokens", "2", "--cache-types", "",
                        "--lorc-cache-types", "", *window, *common, str(tmp_path / "c.json"), "-q", *THREADS]) == 0
     for report, rows in (("b.json", "models"), ("c.json", "configs")):
         got = json.loads((tmp_path / report).read_text())
-        assert got["runtime_overrides"] == {"lorc_recent_window": 16}
+        assert got["runtime_overrides"] == {"lorc_recent_window": 16, "lorc_prefill_block": 8}
         assert [(r["lorc_sink_tokens"], r["lorc_recent_window"]) for r in got[rows]][-1] == (0, 16)
+        assert got[rows][-1]["lorc_prefill_block"] == 8
+
+
+def test_settings_reach_the_session_params(pair):
+    # a run-time setting of the command line is a field of the context parameters each session opens
+    # with (None there: the runtime's default)
+    from lorc_gguf.evaluation.configs import make_config, with_settings
+
+    _, lorc = pair
+    settings = {"lorc_sink_tokens": 2, "lorc_recent_window": 16, "lorc_attend_rest": 0, "lorc_prefill_block": 8}
+    params = with_settings([make_config(lorc)], settings)[0].params(64, 64, 1)
+    assert {k: getattr(params, k) for k in settings} == settings
+    assert make_config(lorc).params(64, 64, 1).lorc_prefill_block is None
 
 
 def test_bench_convert_measures_stages_and_memory(tiny_llama_gguf: Path, tmp_path: Path) -> None:

@@ -59,7 +59,8 @@ def run_cli(produce: Callable[[], dict[str, Any]], fmt: Callable[[dict[str, Any]
 
 
 def add_settings_arguments(ap) -> None:
-    """--lorc-sink-tokens / --lorc-recent-window / --lorc-attend-rest of the eval and bench commands."""
+    """--lorc-sink-tokens / --lorc-recent-window / --lorc-attend-rest / --lorc-prefill-block of the eval and
+    bench commands."""
     ap.add_argument("--lorc-sink-tokens", type=int, metavar="N",
                     help="run every LoRC model with exact K/V for its first N positions (default: each file's "
                          "lorc.sink_tokens; 0 together with --lorc-recent-window 0 = the plain latent cache)")
@@ -69,12 +70,17 @@ def add_settings_arguments(ap) -> None:
     ap.add_argument("--lorc-attend-rest", type=int, choices=(0, 1), metavar="{0,1}",
                     help="with --lorc-top-k: attend the latent cells a decoded token does not rebuild at their "
                          "score's logits (1, the runtime's default) or leave them out (0) in every layer")
+    ap.add_argument("--lorc-prefill-block", type=int, metavar="N",
+                    help="with an exact window: attend a prompt ubatch in blocks of N queries (the runtime's "
+                         "default 64; 0 = one block)")
 
 
 def runtime_overrides(args) -> dict[str, int]:
     """The LoRC runtime settings a command line passed for every model (--lorc-sink-tokens,
-    --lorc-recent-window, --lorc-attend-rest): results measured under them are not the files' defaults."""
-    return {name: getattr(args, name) for name in ("lorc_sink_tokens", "lorc_recent_window", "lorc_attend_rest")
+    --lorc-recent-window, --lorc-attend-rest, --lorc-prefill-block): results measured under them are not the
+    files' defaults."""
+    return {name: getattr(args, name)
+            for name in ("lorc_sink_tokens", "lorc_recent_window", "lorc_attend_rest", "lorc_prefill_block")
             if getattr(args, name) is not None}
 
 

@@ -171,6 +171,16 @@ def paired_speedup(base: Sequence[Sequence[float]], other: Sequence[Sequence[flo
     return {"median": q[1], "q1": q[0], "q3": q[2], "tokens": len(ratios)}
 
 
+def paired_prefill_speedup(base: Sequence[float], other: Sequence[float]) -> dict[str, float]:
+    """Prefill speed against the first config from interleaved runs: for each repeat the ratio of the
+    first config's prefill seconds to this one's, both measured chunk by chunk in the same round (a
+    drift of the machine over minutes moves both alike); their median, least and greatest."""
+    ratios = sorted(b / o for b, o in zip(base, other))
+    if not ratios:
+        raise LorcError("no prefills to compare")
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1], "repeats": len(ratios)}
+
+
 def _prompt(session, n: int) -> list[int]:
     text = eval_text()
     text_tokens = session.tokenize(text[:16 * n + 1024], add_bos=False)  # ~4 characters a token
@@ -225,6 +235,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
             for s in sessions:
                 s.close()
         base = [t[1] for t in times[configs[0].label]]
+        base_pf = [t[0] for t in times[configs[0].label]]
         for c in configs:
             pf = [t[0] for t in times[c.label]]
             tokens = [t[1] for t in times[c.label]]
@@ -238,6 +249,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
             if interleave:
                 row["decode_token_s"] = tokens
                 row["decode_speedup"] = paired_speedup(base, tokens)
+                row["prefill_speedup"] = paired_prefill_speedup(base_pf, pf)
             results.append(row)
     machine["loadavg_end"] = list(os.getloadavg())
     config_rows = []
@@ -261,6 +273,9 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                          "decode_speedup": ("interleaved runs only: the median and quartiles over decoded tokens "
                                             "of the first config's seconds for its token over this config's "
                                             "for the same token of the same round"),
+                         "prefill_speedup": ("interleaved runs only: the median, least and greatest over repeats "
+                                             "of the first config's prefill seconds over this config's in the "
+                                             "same round"),
                          "prefill": "n_ctx-token prompt in n_batch chunks, logits for the last token only",
                          "decode": "single-token decode calls with logits at depth n_ctx - decode_tokens",
                          "decode_order": ("interleaved: every config's i-th prompt chunk and i-th decoded token before any "
@@ -285,7 +300,8 @@ def format_bench(report: dict[str, Any]) -> str:
                str(c["kv_exact_cells"]) if c["kv_exact_cells"] else "-"]
         for n in contexts:
             r = by[(c["label"], n)]
-            paired = f" x{r['decode_speedup']['median']:.2f}" if "decode_speedup" in r else ""
+            paired = (f" x{r['prefill_speedup']['median']:.2f}/{r['decode_speedup']['median']:.2f}"
+                      if "decode_speedup" in r else "")
             row.append(f"{r['prefill_tps']:.0f}/{r['decode_tps']:.1f}{paired}")
         last = by[(c["label"], contexts[-1])]
         row.append(f"{last['state_bytes'] / MIB:.1f}" if "state_bytes" in last else "-")
@@ -296,7 +312,7 @@ def format_bench(report: dict[str, Any]) -> str:
     s = report["settings"]
     return (table(rows, right_from=2) +
             f"\npp = prefill tok/s, tg = decode tok/s ({s['decode_tokens']} tokens at depth n_ctx-{s['decode_tokens']}"
-            f"{'; prompt chunks and tokens interleaved across configs, x = median per-token decode speed against the first row' if s.get('decode_order', '').startswith('interleaved') else ''}),"
+            f"{'; prompt chunks and tokens interleaved across configs, x = paired speed against the first row, prefill (median over repeats) / decode (median over tokens)' if s.get('decode_order', '').startswith('interleaved') else ''}),"
             f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
             f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
             f"(sinks + window), not in KV B/tok; MiB = the serialized state of one sequence at the largest context "

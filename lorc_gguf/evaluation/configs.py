@@ -53,6 +53,7 @@ class ModelConfig:
     lorc_sink_tokens: int | None = None
     lorc_recent_window: int | None = None
     lorc_attend_rest: int | None = None
+    lorc_prefill_block: int | None = None
 
     @property
     def fa(self) -> bool:
@@ -70,14 +71,15 @@ class ModelConfig:
                              flash_attn=self.fa, cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
                              n_threads=threads, lorc_sink_tokens=self.lorc_sink_tokens,
                              lorc_recent_window=self.lorc_recent_window, lorc_top_k=self.lorc_top_k,
-                             lorc_attend_rest=self.lorc_attend_rest)
+                             lorc_attend_rest=self.lorc_attend_rest, lorc_prefill_block=self.lorc_prefill_block)
 
     def describe(self) -> dict[str, Any]:
         sinks, window = hybrid_in_effect(self.path, self.lorc_sink_tokens, self.lorc_recent_window)
         return {"label": self.label, "path": str(self.path), "cache_type_k": self.cache_type_k,
                 "cache_type_v": self.cache_type_v, "flash_attn": self.fa,
                 "lorc_top_k": top_k_in_effect(self.path, self.lorc_top_k),
-                "lorc_sink_tokens": sinks, "lorc_recent_window": window, "lorc_attend_rest": self.lorc_attend_rest}
+                "lorc_sink_tokens": sinks, "lorc_recent_window": window, "lorc_attend_rest": self.lorc_attend_rest,
+                "lorc_prefill_block": self.lorc_prefill_block}
 
 
 def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:

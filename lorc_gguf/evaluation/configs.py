@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import LorcError
 from ..format.info import gguf_info, has_latent_keys, hybrid_in_effect, top_k_in_effect
 from ..runtime.library import silence_llama_logs
-from ..runtime.session import CACHE_TYPES, Session, SessionParams
+from ..runtime.session import CACHE_TYPES, LORC_SETTINGS, Session, SessionParams
 
 SMOLLM2_ALIAS = "smollm2"
 GEMMA3_ALIAS = "gemma3"
@@ -69,9 +69,7 @@ class ModelConfig:
         # ubatch of cells, not the context (no effect on models without sliding windows)
         return SessionParams(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max, swa_full=False,
                              flash_attn=self.fa, cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-                             n_threads=threads, lorc_sink_tokens=self.lorc_sink_tokens,
-                             lorc_recent_window=self.lorc_recent_window, lorc_top_k=self.lorc_top_k,
-                             lorc_attend_rest=self.lorc_attend_rest, lorc_prefill_block=self.lorc_prefill_block)
+                             n_threads=threads, **{name: getattr(self, name) for name in LORC_SETTINGS})
 
     def describe(self) -> dict[str, Any]:
         sinks, window = hybrid_in_effect(self.path, self.lorc_sink_tokens, self.lorc_recent_window)

@@ -24,7 +24,7 @@ from lorc_gguf.evaluation.compare import token_agreement
 from lorc_gguf.evaluation.configs import ModelConfig, make_config
 from lorc_gguf.evaluation.kv import CELL_METADATA_BYTES
 from lorc_gguf.evaluation.perplexity import evaluate
-from lorc_gguf.evaluation.plots import pareto_front
+from lorc_gguf.evaluation.plots import merge_bench_reports, pareto_front
 from lorc_gguf.format import keys as constants
 from lorc_gguf.format.info import hybrid_in_effect
 from lorc_gguf.runtime.session import Session, SessionParams
@@ -185,6 +185,35 @@ def test_bench_quick_json(pair, tmp_path, capsys):
         assert c["label"] in stdout
     assert by["lorc"]["budget_ctx"] > by["original"]["budget_ctx"]
     assert_png(png)
+
+
+def _bench_report(n_ctx, speedups):
+    """A tools/bench.py report of an interleaved run at one context: the original and one LoRC file."""
+    def row(label, d, p):
+        return {"config": label, "n_ctx": n_ctx, "prefill_tps": 100.0 * p, "decode_tps": 10.0 * d,
+                "decode_speedup": {"median": d, "q1": d - 0.05, "q3": d + 0.05, "tokens": 8},
+                "prefill_speedup": {"median": p, "min": p - 0.01, "max": p + 0.01, "repeats": 2}}
+    return {"tool": "bench", "machine": {"cpu": "test cpu"}, "settings": {"decode_tokens": 8, "threads": 2},
+            "configs": [{"label": "original"}, {"label": "lorc"}],
+            "results": [row("original", 1.0, 1.0), row("lorc", *speedups)]}
+
+
+def test_plot_speed_merges_one_run_per_context(tmp_path, capsys):
+    """tools/plot.py speed takes several bench runs (one per context, as long contexts are run) and
+    draws one line per configuration across them; a context given twice is refused, not averaged."""
+    paths = []
+    for n_ctx, s in ((4096, (0.9, 0.98)), (16384, (1.2, 0.93))):
+        paths.append(tmp_path / f"bench-{n_ctx}.json")
+        paths[-1].write_text(json.dumps(_bench_report(n_ctx, s)))
+    merged = merge_bench_reports(paths)
+    lorc = sorted((r["n_ctx"], r["decode_speedup"]["median"]) for r in merged["results"] if r["config"] == "lorc")
+    assert lorc == [(4096, 0.9), (16384, 1.2)]
+    assert {r["baseline"] for r in merged["results"]} == {"original"}
+    png = tmp_path / "speed.png"
+    assert plot_main(["speed", *map(str, paths), str(png)]) == 0
+    assert_png(png)
+    assert plot_main(["speed", str(paths[0]), str(paths[0]), str(tmp_path / "x.png")]) == 2
+    assert "context 4096: give each context once" in capsys.readouterr().err
 
 
 def test_compare_model_against_itself(pair, tmp_path, capsys):

@@ -3,7 +3,7 @@
 
     python tools/plot.py ranks OUT.gguf ranks.png         # LoRC rank per layer
     python tools/plot.py pareto eval.json pareto.png      # perplexity vs KV bytes per token
-    python tools/plot.py speed bench.json speed.png       # decode/prefill speed vs context
+    python tools/plot.py speed bench.json [more.json ...] speed.png  # speed vs context (runs merged)
 
 Errors print one line `error: ...` and exit with status 2.
 """

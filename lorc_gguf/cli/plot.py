@@ -15,7 +15,8 @@ PLOTS = {
     "ranks": ("rank per layer of a LoRC GGUF", "gguf", "GGUF", plot_ranks),
     "quality": ("perplexity vs cache bytes from a tools/quality_table.py JSON", "json", "QUALITY.json", plot_quality),
     "pareto": ("perplexity vs KV bytes per token from a tools/eval.py JSON", "json", "EVAL.json", plot_pareto),
-    "speed": ("decode/prefill speed vs context from a tools/bench.py JSON", "json", "BENCH.json", plot_speed),
+    "speed": ("decode/prefill speed vs context from tools/bench.py JSONs (one run, or one per context)",
+              "json", "BENCH.json", plot_speed),
 }
 
 
@@ -24,7 +25,8 @@ def plot_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="what", required=True)
     for what, (help_text, dest, metavar, _) in PLOTS.items():
         p = sub.add_parser(what, help=help_text)
-        p.add_argument(dest, metavar=metavar)
+        # speed merges several runs (e.g. one per context) into one plot
+        p.add_argument(dest, metavar=metavar, nargs="+" if what == "speed" else None)
         p.add_argument("out", metavar="OUT.png")
     return ap
 

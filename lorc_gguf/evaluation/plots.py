@@ -148,24 +148,77 @@ def plot_ranks(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str]) -
     return _save(fig, out)
 
 
-def plot_speed(report: dict[str, Any] | str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Decode and prefill tokens/s against context length, one line per configuration."""
-    data = _load(report, "bench")
+def merge_bench_reports(reports: Sequence[dict[str, Any] | str | os.PathLike[str]]) -> dict[str, Any]:
+    """Several tools/bench.py reports as one: configurations matched by label (the first report's
+    settings and machine), results of every report; a context measured by two reports for the same
+    label is refused rather than averaged away."""
+    if not reports:
+        raise LorcError("no bench JSON given")
+    datas = [_load(r, "bench") for r in reports]
+    merged = dict(datas[0])
+    configs = {c["label"]: c for c in datas[0]["configs"]}
+    results, seen = [], set()
+    for d in datas:
+        for c in d["configs"]:
+            configs.setdefault(c["label"], c)
+        for r in d["results"]:
+            key = (r["config"], r["n_ctx"])
+            if key in seen:
+                raise LorcError(f"two reports measure {r['config']} at context {r['n_ctx']}: give each context once")
+            seen.add(key)
+            results.append(dict(r, baseline=d["configs"][0]["label"]))
+    merged["configs"] = list(configs.values())
+    merged["results"] = results
+    merged["cpus"] = sorted({d["machine"]["cpu"] for d in datas})
+    return merged
+
+
+def plot_speed(report: dict[str, Any] | str | os.PathLike[str] | Sequence[dict[str, Any] | str | os.PathLike[str]],
+               out: str | os.PathLike[str]) -> Path:
+    """Decode and prefill tokens/s against context length, one line per configuration, from one
+    tools/bench.py report or several (e.g. one run per context). Where the runs were interleaved, a
+    third panel shows each configuration's paired speed against the first configuration of its run
+    (decode: median over decoded tokens with the quartiles; prefill: median over repeats with the
+    least and greatest), the numbers to trust on a machine whose speed drifts between runs."""
+    reports = list(report) if isinstance(report, (list, tuple)) else [report]
+    data = merge_bench_reports(reports)
     plt = _plt()
-    fig, (ax_d, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
+    paired = [r for r in data["results"] if "decode_speedup" in r]
+    fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(16.5 if paired else 11, 4.2))
+    ax_d, ax_p = axes[0], axes[1]
     for c in data["configs"]:
         rows = sorted((r for r in data["results"] if r["config"] == c["label"]), key=lambda r: r["n_ctx"])
         n = [r["n_ctx"] for r in rows]
         ax_d.plot(n, [r["decode_tps"] for r in rows], "o-", label=c["label"])
         ax_p.plot(n, [r["prefill_tps"] for r in rows], "o-", label=c["label"])
+        # paired ratios against each run's first configuration (its own are 1 by definition)
+        prs = [r for r in rows if "decode_speedup" in r and r["config"] != r["baseline"]]
+        if prs:
+            ax_r = axes[2]
+            nr = [r["n_ctx"] for r in prs]
+            dm = [r["decode_speedup"]["median"] for r in prs]
+            ax_r.errorbar(nr, dm, yerr=[[m - r["decode_speedup"]["q1"] for m, r in zip(dm, prs)],
+                                        [r["decode_speedup"]["q3"] - m for m, r in zip(dm, prs)]],
+                          fmt="o-", capsize=3, label=f"{c['label']}: decode")
+            pm = [r["prefill_speedup"]["median"] for r in prs]
+            ax_r.errorbar(nr, pm, yerr=[[m - r["prefill_speedup"]["min"] for m, r in zip(pm, prs)],
+                                        [r["prefill_speedup"]["max"] - m for m, r in zip(pm, prs)]],
+                          fmt="s--", capsize=3, label=f"{c['label']}: prefill")
     for ax, what in ((ax_d, "decode"), (ax_p, "prefill")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(f"{what} tokens/s")
-        ax.grid(alpha=0.3)
     ax_d.set_title(f"decode ({data['settings']['decode_tokens']} tokens at depth n_ctx - that)")
     ax_p.set_title("prefill")
+    if paired:
+        ax_r = axes[2]
+        ax_r.axhline(1.0, color="gray", lw=0.8)
+        ax_r.set_ylabel("speed ratio within a run")
+        ax_r.set_title(f"against {' / '.join(sorted({r['baseline'] for r in paired}))}", fontsize=9)
+        ax_r.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.grid(alpha=0.3)
     ax_d.legend(fontsize=7)
-    m = data["machine"]
-    fig.suptitle(f"{m['cpu']}, {data['settings']['threads']} threads", fontsize=9)
+    runs = f", {len(reports)} runs" if len(reports) > 1 else ""
+    fig.suptitle(f"{' / '.join(data['cpus'])}, {data['settings']['threads']} threads{runs}", fontsize=9)
     return _save(fig, out)

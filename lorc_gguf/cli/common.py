@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import LorcError
 from ..evaluation.machine import to_json
+from ..runtime.session import LORC_SETTINGS
 
 EXIT_ERROR = 2
 
@@ -79,9 +80,9 @@ def runtime_overrides(args) -> dict[str, int]:
     """The LoRC runtime settings a command line passed for every model (--lorc-sink-tokens,
     --lorc-recent-window, --lorc-attend-rest, --lorc-prefill-block): results measured under them are not the
     files' defaults."""
-    return {name: getattr(args, name)
-            for name in ("lorc_sink_tokens", "lorc_recent_window", "lorc_attend_rest", "lorc_prefill_block")
-            if getattr(args, name) is not None}
+    # every runtime setting but the top-k, whose option takes a list of values (expand_top_k)
+    return {name: getattr(args, name) for name in LORC_SETTINGS
+            if name != "lorc_top_k" and getattr(args, name) is not None}
 
 
 def parse_top_k(spec: str | None) -> list[int]:

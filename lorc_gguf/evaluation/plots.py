@@ -186,6 +186,7 @@ def plot_speed(report: dict[str, Any] | str | os.PathLike[str] | Sequence[dict[s
     paired = [r for r in data["results"] if "decode_speedup" in r]
     fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(16.5 if paired else 11, 4.2))
     ax_d, ax_p = axes[0], axes[1]
+    ax_r = axes[2] if paired else None
     for c in data["configs"]:
         rows = sorted((r for r in data["results"] if r["config"] == c["label"]), key=lambda r: r["n_ctx"])
         n = [r["n_ctx"] for r in rows]
@@ -194,7 +195,6 @@ def plot_speed(report: dict[str, Any] | str | os.PathLike[str] | Sequence[dict[s
         # paired ratios against each run's first configuration (its own are 1 by definition)
         prs = [r for r in rows if "decode_speedup" in r and r["config"] != r["baseline"]]
         if prs:
-            ax_r = axes[2]
             nr = [r["n_ctx"] for r in prs]
             dm = [r["decode_speedup"]["median"] for r in prs]
             ax_r.errorbar(nr, dm, yerr=[[m - r["decode_speedup"]["q1"] for m, r in zip(dm, prs)],
@@ -208,8 +208,7 @@ def plot_speed(report: dict[str, Any] | str | os.PathLike[str] | Sequence[dict[s
         ax.set_ylabel(f"{what} tokens/s")
     ax_d.set_title(f"decode ({data['settings']['decode_tokens']} tokens at depth n_ctx - that)")
     ax_p.set_title("prefill")
-    if paired:
-        ax_r = axes[2]
+    if ax_r is not None:
         ax_r.axhline(1.0, color="gray", lw=0.8)
         ax_r.set_ylabel("speed ratio within a run")
         ax_r.set_title(f"against {' / '.join(sorted({r['baseline'] for r in paired}))}", fontsize=9)

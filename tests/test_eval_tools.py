@@ -20,6 +20,7 @@ from lorc_gguf.cli.compare import compare_main
 from lorc_gguf.cli.eval import eval_main
 from lorc_gguf.cli.plot import plot_main
 from lorc_gguf.corpus import calibration_text, eval_text, pydoc_text
+from lorc_gguf.errors import LorcError
 from lorc_gguf.evaluation.compare import token_agreement
 from lorc_gguf.evaluation.configs import ModelConfig, make_config
 from lorc_gguf.evaluation.kv import CELL_METADATA_BYTES
@@ -447,6 +448,52 @@ def test_interleaved_bench_takes_every_config_s_chunk_and_token_in_turn(monkeypa
                             ("a", 1, 9, None), ("b", 1, 9, None)]
     assert [o[2] for o in out] == [11, 22] and all(o[0] >= 0 and len(o[1]) == 3 and min(o[1]) >= 0 for o in out)
     assert calls[-2:] == [("a", "clear"), ("b", "clear")]
+
+
+def test_interleaved_prefill_takes_spans_of_the_largest_batch(monkeypatch):
+    # configs of different prompt batches (--lorc-batch) are interleaved by spans of the largest: a
+    # session of batch 2 prefills a span of 4 in two chunks before the session of batch 4 prefills it
+    # in one, each chunk at its own position, logits for the prompt's last token only; a batch that
+    # does not divide the largest is refused (its chunks would straddle the spans)
+    from lorc_gguf.evaluation import bench
+
+    calls = []
+
+    class FakeSession:
+        def __init__(self, name, n_batch):
+            self.name = name
+            self.params = type("Params", (), {"n_batch": n_batch})()
+
+        def clear(self):
+            pass
+
+        def seq_rm(self, seq_id, p0, p1):
+            return True
+
+    def fake_decode(session, tokens, pos0=0, outputs_from=None):
+        calls.append((session.name, len(tokens), pos0, outputs_from))
+
+    monkeypatch.setattr(bench, "decode_tokens", fake_decode)
+    a, b = FakeSession("a", 2), FakeSession("b", 4)
+    secs = bench.prefill_interleaved([a, b], [list(range(10))] * 2, 10, 3)
+    assert calls == [("a", 2, 0, 2), ("a", 2, 2, 2), ("b", 4, 0, 4),
+                     ("a", 2, 4, 2), ("a", 2, 6, 2), ("b", 4, 4, 4),
+                     ("a", 2, 8, None), ("b", 2, 8, None)]
+    assert len(secs) == 2 and min(secs) >= 0
+    with pytest.raises(LorcError, match="divide the largest"):
+        bench.prefill_interleaved([FakeSession("c", 3), b], [list(range(10))] * 2, 10, 3)
+
+
+def test_bench_lorc_batch_runs_the_lorc_files_at_their_own_batch(pair, tmp_path):
+    original, lorc = pair
+    out = tmp_path / "bench.json"
+    rc = bench_main([str(original), str(lorc), "--ctx", "64", "--repeats", "1", "--decode-tokens", "2",
+                     "--cache-types", "", "--lorc-cache-types", "", "--interleave", "--batch", "16",
+                     "--lorc-batch", "32", "--json", str(out), "-q", *THREADS])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [(c["label"], c["n_batch"]) for c in report["configs"]] == [("original", 16), ("lorc [ubatch 32]", 32)]
+    assert [(r["config"], r["n_batch"]) for r in report["results"]] == [("original", 16), ("lorc [ubatch 32]", 32)]
 
 
 def test_bench_interleave_is_recorded(pair, tmp_path, capsys):

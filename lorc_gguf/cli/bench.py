@@ -11,7 +11,8 @@ from ..errors import LorcError
 from ..evaluation.bench import (DEFAULT_BATCH, DEFAULT_DECODE_TOKENS, DEFAULT_REPEATS, DEFAULT_WIDTHS, build_configs,
                                 convert_widths, default_contexts, format_bench, n_ctx_train, run_bench)
 from ..evaluation.configs import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, default_threads, expand_top_k, make_config,
-                                  parse_flash_attn, resolve_model_path, with_settings)
+                                  parse_flash_attn, resolve_model_path, with_batch, with_settings)
+from ..format.info import gguf_info
 from .common import add_settings_arguments, log_stderr, parse_csv, parse_top_k, run_cli, runtime_overrides
 
 
@@ -47,6 +48,9 @@ def bench_parser():
                     help="flash attention for every config (default auto = on); quantized V caches need it, so "
                          "with off they alone run with it on")
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"prefill batch (default {DEFAULT_BATCH})")
+    ap.add_argument("--lorc-batch", type=int, metavar="N", help="prefill batch (and ubatch) of every LoRC "
+                    "config (default: --batch), e.g. 1024 against the original's 512; with --interleave one must "
+                    "divide the other")
     ap.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all cores)")
     ap.add_argument("--budget-mib", type=float, metavar="M", help="report the largest context whose KV cache "
                     "fits M MiB for each config")
@@ -88,6 +92,9 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         configs = build_configs(original, lorc, cache_types, lorc_cache_types, fa)
         settings = runtime_overrides(args)
         configs = expand_top_k(with_settings(configs, settings), parse_top_k(args.lorc_top_k))
+        if args.lorc_batch is not None and args.lorc_batch != args.batch:
+            configs = [with_batch(c, args.lorc_batch) if gguf_info(c.path)["lorc_version"] > 0 else c
+                       for c in configs]
         contexts = parse_csv(args.ctx, int, "--ctx") or default_contexts(n_ctx_train(original.path), args.quick)
         repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
         n_decode = args.decode_tokens or (8 if args.quick else DEFAULT_DECODE_TOKENS)

@@ -98,23 +98,26 @@ def prefill(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> float:
 
 def prefill_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,
                         n_decode: int) -> list[float]:
-    """``prefill`` for every session at once, one n_batch chunk of each in turn (logits for the prompt's
-    last token only), each session's seconds summed over its own chunks; then every session is cut back
-    to depth ``n_ctx - n_decode``."""
+    """``prefill`` for every session at once, taken in turn by spans of the largest n_batch: each
+    session prefills the span in its own n_batch chunks (logits for the prompt's last token only), then
+    the next session does, each session's seconds summed over its own chunks; then every session is cut
+    back to depth ``n_ctx - n_decode``. Every n_batch must divide the largest, so that each span ends on
+    a chunk boundary of every session."""
     for s in sessions:
         s.clear()
-    n_batch = {s.params.n_batch for s in sessions}
-    if len(n_batch) != 1:
-        raise LorcError(f"interleaved prefill needs one n_batch for every session: {sorted(n_batch)}")
-    nb = n_batch.pop()
+    batches = [s.params.n_batch for s in sessions]
+    span = max(batches)
+    if any(span % nb for nb in batches):
+        raise LorcError(f"interleaved prefill needs prompt batches that divide the largest: {sorted(set(batches))}")
     secs = [0.0] * len(sessions)
-    for start in range(0, n_ctx, nb):
-        end = min(start + nb, n_ctx)
-        for j, (s, p) in enumerate(zip(sessions, prompts)):
-            t0 = time.perf_counter()
-            # no logits but for the prompt's last token: outputs from index end - start is none of the chunk's
-            decode_tokens(s, list(p[start:end]), start, outputs_from=None if end == n_ctx else end - start)
-            secs[j] += time.perf_counter() - t0
+    for start in range(0, n_ctx, span):
+        for j, (s, p, nb) in enumerate(zip(sessions, prompts, batches)):
+            for c0 in range(start, min(start + span, n_ctx), nb):
+                c1 = min(c0 + nb, n_ctx)
+                t0 = time.perf_counter()
+                # no logits but for the prompt's last token: outputs from index c1 - c0 is none of the chunk's
+                decode_tokens(s, list(p[c0:c1]), c0, outputs_from=None if c1 == n_ctx else c1 - c0)
+                secs[j] += time.perf_counter() - t0
     depth = n_ctx - n_decode
     for s in sessions:
         if not s.seq_rm(0, depth, -1):
@@ -141,7 +144,8 @@ def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[
 def measure_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,
                         n_decode: int) -> list[tuple[float, list[float], int]]:
     """``measure`` for every session at once, the prompt's chunks and the decoded tokens taken in turn:
-    each session prefills its first n_batch chunk, then each its second, ...; then each decodes its
+    each session prefills the prompt's first span (its chunks of the largest n_batch), then each the second,
+    ...; then each decodes its
     first token, then each its second, ... A machine whose speed drifts over seconds (a shared virtual
     machine) then slows every configuration alike, where measuring them one after another puts the
     drift between them."""
@@ -210,13 +214,14 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
     kv: dict[str, tuple[float, float]] = {}
     results = []
     for n_ctx in contexts:
-        sessions = [open_session(c, n_ctx, min(n_batch, n_ctx), threads) for c in configs]
+        sessions = [open_session(c, n_ctx, min(c.n_batch or n_batch, n_ctx), threads) for c in configs]
         try:
             prompts = [_prompt(s, n_ctx) for s in sessions]
             for c, s, p in zip(configs, sessions, prompts):
                 if c.label not in kv:
                     kv[c.label] = measure_kv_bytes(s, p)
             times: dict[str, list[tuple[float, list[float]]]] = {c.label: [] for c in configs}
+            batch = {c.label: s.params.n_batch for c, s in zip(configs, sessions)}
             state: dict[str, int] = {}
             for r in range(repeats):
                 k = r % len(configs)
@@ -245,7 +250,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                    "prefill_s": pf, "decode_s": dec,
                    "prefill_tps": n_ctx / statistics.median(pf),
                    "decode_tps": decode_tokens_n / statistics.median(dec),
-                   "state_bytes": state[c.label]}
+                   "state_bytes": state[c.label], "n_batch": batch[c.label]}
             if interleave:
                 row["decode_token_s"] = tokens
                 row["decode_speedup"] = paired_speedup(base, tokens)
@@ -258,7 +263,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
         row = {**c.describe(), "kv_bytes_per_token_raw": b.raw, "kv_bytes_per_token": b.per_token,
                "kv_ratio": b.per_token / kv[configs[0].label].per_token,
                "kv_exact_cells": b.exact_cells, "kv_exact_bytes": b.exact_bytes,
-               "n_ctx_train": n_ctx_train(c.path)}
+               "n_ctx_train": n_ctx_train(c.path), "n_batch": c.n_batch or n_batch}
         ranks = lorc_ranks(c.path)
         if ranks:
             row["lorc_kept_width"] = ((sum(ranks["key_rank"]) + sum(ranks["value_rank"]))

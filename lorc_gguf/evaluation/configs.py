@@ -54,6 +54,8 @@ class ModelConfig:
     lorc_recent_window: int | None = None
     lorc_attend_rest: int | None = None
     lorc_prefill_block: int | None = None
+    # this config's own prompt batch (n_batch = n_ubatch); None: the run's
+    n_batch: int | None = None
 
     @property
     def fa(self) -> bool:
@@ -77,7 +79,7 @@ class ModelConfig:
                 "cache_type_v": self.cache_type_v, "flash_attn": self.fa,
                 "lorc_top_k": top_k_in_effect(self.path, self.lorc_top_k),
                 "lorc_sink_tokens": sinks, "lorc_recent_window": window, "lorc_attend_rest": self.lorc_attend_rest,
-                "lorc_prefill_block": self.lorc_prefill_block}
+                "lorc_prefill_block": self.lorc_prefill_block, "n_batch": self.n_batch}
 
 
 def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:
@@ -85,6 +87,14 @@ def with_top_k(config: ModelConfig, top_k: int) -> ModelConfig:
     labelled so."""
     label = config.label if top_k == 0 else f"{config.label} [top-{top_k}]"
     return replace(config, label=label, lorc_top_k=top_k)
+
+
+def with_batch(config: ModelConfig, n_batch: int) -> ModelConfig:
+    """``config`` prefilling in batches (and ubatches) of ``n_batch`` tokens whatever the run's,
+    labelled so."""
+    if n_batch < 1:
+        raise LorcError(f"a prompt batch must be at least 1 token, got {n_batch}")
+    return replace(config, label=f"{config.label} [ubatch {n_batch}]", n_batch=n_batch)
 
 
 def check_unique_labels(configs: Sequence[ModelConfig]) -> None:

@@ -494,6 +494,8 @@ def test_bench_lorc_batch_runs_the_lorc_files_at_their_own_batch(pair, tmp_path)
     report = json.loads(out.read_text())
     assert [(c["label"], c["n_batch"]) for c in report["configs"]] == [("original", 16), ("lorc [ubatch 32]", 32)]
     assert [(r["config"], r["n_batch"]) for r in report["results"]] == [("original", 16), ("lorc [ubatch 32]", 32)]
+    # every context's reserved compute buffers, read off llama.cpp's log
+    assert all(r["compute_buffer_bytes"] > 0 for r in report["results"])
 
 
 def test_bench_interleave_is_recorded(pair, tmp_path, capsys):

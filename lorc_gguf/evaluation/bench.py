@@ -222,6 +222,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                     kv[c.label] = measure_kv_bytes(s, p)
             times: dict[str, list[tuple[float, list[float]]]] = {c.label: [] for c in configs}
             batch = {c.label: s.params.n_batch for c, s in zip(configs, sessions)}
+            compute = {c.label: s.compute_buffer_bytes for c, s in zip(configs, sessions)}
             state: dict[str, int] = {}
             for r in range(repeats):
                 k = r % len(configs)
@@ -250,7 +251,8 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                    "prefill_s": pf, "decode_s": dec,
                    "prefill_tps": n_ctx / statistics.median(pf),
                    "decode_tps": decode_tokens_n / statistics.median(dec),
-                   "state_bytes": state[c.label], "n_batch": batch[c.label]}
+                   "state_bytes": state[c.label], "n_batch": batch[c.label],
+                   "compute_buffer_bytes": compute[c.label]}
             if interleave:
                 row["decode_token_s"] = tokens
                 row["decode_speedup"] = paired_speedup(base, tokens)
@@ -293,7 +295,8 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
 def format_bench(report: dict[str, Any]) -> str:
     contexts = report["settings"]["contexts"]
     by = {(r["config"], r["n_ctx"]): r for r in report["results"]}
-    head = ["config", "cache", "KV B/tok", "ratio", "exact"] + [f"pp/tg @{c}" for c in contexts] + [f"MiB @{contexts[-1]}"]
+    head = (["config", "cache", "KV B/tok", "ratio", "exact"] + [f"pp/tg @{c}" for c in contexts] +
+            [f"MiB @{contexts[-1]}", f"compute MiB @{contexts[-1]}"])
     budget = report["settings"].get("budget_mib")
     if budget is not None:
         head.append(f"ctx in {budget:g} MiB")
@@ -310,6 +313,7 @@ def format_bench(report: dict[str, Any]) -> str:
             row.append(f"{r['prefill_tps']:.0f}/{r['decode_tps']:.1f}{paired}")
         last = by[(c["label"], contexts[-1])]
         row.append(f"{last['state_bytes'] / MIB:.1f}" if "state_bytes" in last else "-")
+        row.append(f"{last['compute_buffer_bytes'] / MIB:.1f}" if last.get("compute_buffer_bytes") is not None else "-")
         if budget is not None:
             row.append(str(c["budget_ctx"]))
         rows.append(row)
@@ -321,4 +325,5 @@ def format_bench(report: dict[str, Any]) -> str:
             f" median of {s['repeats']}; {m['cpu']}, {s['threads']} threads, load {m['loadavg'][0]:.1f} -> "
             f"{m['loadavg_end'][0]:.1f}; exact = cells a hybrid cache keeps at full width per sequence "
             f"(sinks + window), not in KV B/tok; MiB = the serialized state of one sequence at the largest context "
-            f"(every cell held for it, swa_full off)")
+            f"(every cell held for it, swa_full off); compute MiB = the compute buffers llama.cpp reserved for "
+            f"that context's graphs (a full prompt batch at the full context)")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import sys
+from collections.abc import Iterator
 
 
 def llama_cpp():
@@ -12,15 +15,41 @@ def llama_cpp():
 
 
 _LOG_CALLBACK = None
+_SILENCED = False
 
 
 def silence_llama_logs() -> None:
     """Route llama.cpp's log lines to nowhere (errors still surface as return codes)."""
-    global _LOG_CALLBACK
+    global _LOG_CALLBACK, _SILENCED
     lib = llama_cpp()
     if _LOG_CALLBACK is None:
         _LOG_CALLBACK = lib.llama_log_callback(lambda level, text, user_data: None)
-        lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    _SILENCED = True
+
+
+@contextlib.contextmanager
+def llama_log_text() -> Iterator[list[str]]:
+    """llama.cpp's log text while the block runs, as the pieces it logged; afterwards its log goes
+    where it went before (nowhere after ``silence_llama_logs``, else llama-cpp-python's logger).
+    Where the log was not silenced, the captured text is written to stderr when the block raises."""
+    lib = llama_cpp()
+    pieces: list[str] = []
+    callback = lib.llama_log_callback(lambda level, text, user_data: pieces.append(text.decode("utf-8", "replace")))
+    lib.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield pieces
+    except BaseException:
+        if not _SILENCED:
+            sys.stderr.write("".join(pieces))
+        raise
+    finally:
+        if _SILENCED:
+            lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        else:
+            from llama_cpp import _logger  # the logger llama-cpp-python installs on import
+
+            lib.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def free_context(lib, batch, ctx, model) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .library import free_context, llama_cpp as _lib
+from .library import free_context, llama_cpp as _lib, llama_log_text
 from .tokens import tokenize
 
 
@@ -93,10 +94,15 @@ class Session:
             if name in fields:
                 value = getattr(params, name)
                 setattr(cparams, name, -1 if value is None else value)
-        self.ctx = lib.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            lib.llama_model_free(self.model)
-            raise RuntimeError(f"llama.cpp could not create a context for {model_path} with {params}")
+        with llama_log_text() as log:
+            self.ctx = lib.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                lib.llama_model_free(self.model)
+                raise RuntimeError(f"llama.cpp could not create a context for {model_path} with {params}")
+        # the compute buffers llama.cpp reserved for this context's graphs, summed over its backends
+        # (the largest graph it may run: a full ubatch at the full context); None where it logged none
+        sizes = re.findall(r"compute buffer size =\s*([0-9.]+) MiB", "".join(log))
+        self.compute_buffer_bytes = round(sum(float(x) for x in sizes) * 2**20) if sizes else None
         self.mem = lib.llama_get_memory(self.ctx)
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)

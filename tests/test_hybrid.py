@@ -96,6 +96,43 @@ def test_prompt_in_query_blocks_matches_reference_rule(models, width):
     assert not np.array_equal(blocks, joint)
 
 
+def test_one_sequence_reserves_compute_for_query_blocks(models):
+    # a context of one sequence takes its prompt ubatches in query blocks (lorc_prefill_block, 64 by
+    # default) and reserves its compute buffer for them: the joint path's scores of every query over
+    # every cell (n_ctx x n_ubatch x n_head f32 = 16384 x 512 x 8 x 4 B = 256 MiB here) would size it.
+    # A unified cache of two sequences may see both in one ubatch, which takes the joint path, so
+    # that context is reserved for it, as is one whose blocks are turned off
+    def compute_mib(**p):
+        with Session(models["hybrid"], SessionParams(n_ctx=16384, n_batch=512, n_ubatch=512, **p)) as s:
+            return s.compute_buffer_bytes / 2**20
+
+    one = compute_mib()
+    joint = compute_mib(lorc_prefill_block=0)
+    two = compute_mib(n_seq_max=2, kv_unified=True)
+    assert joint > 256 and two > 256
+    # a block's scores: 16384 x 64 x 8 x 4 B = 32 MiB
+    assert one < joint / 2
+
+
+@pytest.mark.parametrize("n_tokens, n_block", [(230, 16), (220, 24)])
+def test_prompt_in_ragged_query_blocks_matches_reference_rule(models, n_tokens, n_block):
+    # ubatches that are not a multiple of the block: the last block of each holds the rest (230 in
+    # ubatches of 64: the last of 38 = 16 + 16 + 6; 220 in blocks of 24: 24 + 24 + 16 per full
+    # ubatch, 24 + 4 in the last of 28). Tolerance as in test_mixed_case_matches_reference_rule
+    tokens = prompt(n_tokens, seed=9)
+    want = reference.forward(models["original"], tokens, models["plain"],
+                             exact=lambda p0, p1: p0 < SINKS or p1 - p0 < WINDOW)
+    blocks = run(models["hybrid"], tokens, n_batch=64, n_ubatch=64, lorc_prefill_block=n_block, **F32)
+    joint = run(models["hybrid"], tokens, n_batch=64, n_ubatch=64, lorc_prefill_block=0, **F32)
+    np.testing.assert_allclose(blocks, want, atol=1e-3)
+    np.testing.assert_allclose(joint, want, atol=1e-3)
+    # a partial ubatch alone (the first of its context) runs in blocks too: the two paths sum in
+    # different orders, so bit-equal logits would mean it fell back to the joint path
+    tail = tokens[:n_tokens % 64]
+    assert not np.array_equal(run(models["hybrid"], tail, n_batch=64, n_ubatch=64, lorc_prefill_block=n_block, **F32),
+                              run(models["hybrid"], tail, n_batch=64, n_ubatch=64, lorc_prefill_block=0, **F32))
+
+
 def test_sinks_survive_the_exact_store_wrapping(models):
     # the exact store holds S + W + n_ubatch cells (padded to 32: 64 here); a prompt of 100 tokens
     # in ubatches of 32 and 40 single-token steps overwrite its cells many times. The sinks must

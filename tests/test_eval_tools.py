@@ -498,6 +498,32 @@ def test_bench_lorc_batch_runs_the_lorc_files_at_their_own_batch(pair, tmp_path)
     assert all(r["compute_buffer_bytes"] > 0 for r in report["results"])
 
 
+def test_bench_memory_reports_allocated_buffers_without_running(pair, tmp_path, capsys, monkeypatch):
+    # --memory opens each context and reads llama.cpp's allocations: the original's KV buffer is its
+    # f16 K and V of every cell (n_ctx x n_layer x 2 x D_KV x 2 bytes), the LoRC file's latent
+    # store its ranks' f16 rows (this file has no exact store), and nothing is prefilled or decoded
+    from lorc_gguf.evaluation import bench
+
+    monkeypatch.setattr(bench, "decode_tokens", lambda *a, **k: pytest.fail("--memory decoded"))
+    original, lorc = pair
+    out = tmp_path / "memory.json"
+    rc = bench_main([str(original), str(lorc), "--ctx", "4096,8192", "--cache-types", "", "--lorc-cache-types", "",
+                     "--memory", "--json", str(out), "-q", *THREADS])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    by = {(r["config"], r["n_ctx"]): r for r in report["results"]}
+    key_rank, value_rank = file_ranks(lorc)
+    for n in (4096, 8192):
+        # f16 rows of every cell; llama.cpp logs MiB to 2 decimals: each line within 0.005 MiB
+        assert by[("original", n)]["kv_buffer_bytes"] == pytest.approx(n * N_LAYER * 2 * D_KV * 2, abs=0.005 * 2**20)
+        assert by[("lorc", n)]["kv_buffer_bytes"] == pytest.approx(n * (sum(key_rank) + sum(value_rank)) * 2,
+                                                                   abs=0.005 * 2**20)
+        assert all(by[(c, n)]["compute_buffer_bytes"] > 0 for c in ("original", "lorc"))
+    assert "KV + compute MiB @8192" in capsys.readouterr().out
+    assert bench_main([str(original), str(lorc), "--ctx", "256", "--memory", "--plot", str(tmp_path / "m.png"),
+                       "-q", *THREADS]) == 2
+
+
 def test_bench_interleave_is_recorded(pair, tmp_path, capsys):
     original, lorc = pair
     out = tmp_path / "bench.json"

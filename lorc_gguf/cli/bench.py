@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import LorcError
 from ..evaluation.bench import (DEFAULT_BATCH, DEFAULT_DECODE_TOKENS, DEFAULT_REPEATS, DEFAULT_WIDTHS, build_configs,
-                                convert_widths, default_contexts, format_bench, n_ctx_train, run_bench)
+                                convert_widths, default_contexts, format_bench, memory_report, n_ctx_train, run_bench)
 from ..evaluation.configs import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, default_threads, expand_top_k, make_config,
                                   parse_flash_attn, resolve_model_path, with_batch, with_settings)
 from ..format.info import gguf_info
@@ -58,6 +58,9 @@ def bench_parser():
                     "token, of every config in turn (each config's i-th chunk or token before any config's next), "
                     "so that a machine whose speed drifts slows every config alike (default: one config after "
                     "another)")
+    ap.add_argument("--memory", action="store_true", help="only open each config's context at each length and "
+                    "report what llama.cpp allocates for it: KV cache and compute buffers (no prefill or decode: "
+                    "seconds, not minutes)")
     ap.add_argument("--quick", action="store_true", help="short run: contexts 256,1024, 1 repeat, 8 decode "
                     "tokens, no q4_0 cache")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -96,6 +99,10 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             configs = [with_batch(c, args.lorc_batch) if gguf_info(c.path)["lorc_version"] > 0 else c
                        for c in configs]
         contexts = parse_csv(args.ctx, int, "--ctx") or default_contexts(n_ctx_train(original.path), args.quick)
+        if args.memory:
+            if args.plot:
+                raise LorcError("--memory measures no speed to plot: drop --plot")
+            return memory_report(configs, contexts, args.threads, args.batch, log, settings)
         repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
         n_decode = args.decode_tokens or (8 if args.quick else DEFAULT_DECODE_TOKENS)
         return run_bench(configs, contexts, repeats, n_decode, args.threads, args.batch, args.budget_mib, log,

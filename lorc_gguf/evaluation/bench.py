@@ -222,7 +222,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                     kv[c.label] = measure_kv_bytes(s, p)
             times: dict[str, list[tuple[float, list[float]]]] = {c.label: [] for c in configs}
             batch = {c.label: s.params.n_batch for c, s in zip(configs, sessions)}
-            compute = {c.label: s.compute_buffer_bytes for c, s in zip(configs, sessions)}
+            compute = {c.label: (s.kv_buffer_bytes, s.compute_buffer_bytes) for c, s in zip(configs, sessions)}
             state: dict[str, int] = {}
             for r in range(repeats):
                 k = r % len(configs)
@@ -252,7 +252,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                    "prefill_tps": n_ctx / statistics.median(pf),
                    "decode_tps": decode_tokens_n / statistics.median(dec),
                    "state_bytes": state[c.label], "n_batch": batch[c.label],
-                   "compute_buffer_bytes": compute[c.label]}
+                   "kv_buffer_bytes": compute[c.label][0], "compute_buffer_bytes": compute[c.label][1]}
             if interleave:
                 row["decode_token_s"] = tokens
                 row["decode_speedup"] = paired_speedup(base, tokens)
@@ -292,7 +292,54 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
             "elapsed_s": round(time.perf_counter() - started, 1)}
 
 
+def memory_report(configs: Sequence[ModelConfig], contexts: Sequence[int], threads: int | None = None,
+                  n_batch: int = DEFAULT_BATCH, log: Callable[[str], None] | None = None,
+                  settings: dict[str, int] | None = None) -> dict[str, Any]:
+    """What llama.cpp allocates for each config's context at each length, without running it: its KV
+    cache buffers and the compute buffers it reserves for its graphs (one context open at a time)."""
+    if not configs:
+        raise LorcError("no configurations to measure")
+    contexts = sorted(set(int(c) for c in contexts))
+    threads = threads or default_threads()
+    results = []
+    for n_ctx in contexts:
+        for c in configs:
+            with open_session(c, n_ctx, min(c.n_batch or n_batch, n_ctx), threads) as s:
+                results.append({"config": c.label, "n_ctx": n_ctx, "n_batch": s.params.n_batch,
+                                "kv_buffer_bytes": s.kv_buffer_bytes, "compute_buffer_bytes": s.compute_buffer_bytes})
+            if log:
+                r = results[-1]
+                log(f"ctx {n_ctx} {c.label}: KV {r['kv_buffer_bytes'] / MIB:.1f} MiB, "
+                    f"compute {r['compute_buffer_bytes'] / MIB:.1f} MiB")
+    return {"tool": "bench", "mode": "memory", "machine": machine_info(threads), "versions": versions(),
+            "runtime_overrides": dict(settings or {}),
+            "settings": {"contexts": contexts, "n_batch": n_batch, "threads": threads,
+                         "kv_buffer": "the KV cache buffers llama.cpp allocated for the context (every store)",
+                         "compute_buffer": "the compute buffers llama.cpp reserved for the context's graphs"},
+            "configs": [c.describe() for c in configs], "results": results}
+
+
+def format_memory(report: dict[str, Any]) -> str:
+    contexts = report["settings"]["contexts"]
+    by = {(r["config"], r["n_ctx"]): r for r in report["results"]}
+    rows = [["config", "cache"] + [f"KV + compute MiB @{n}" for n in contexts]]
+    for c in report["configs"]:
+        row = [c["label"], c["cache_type_k"] if c["cache_type_k"] == c["cache_type_v"]
+               else f"{c['cache_type_k']}/{c['cache_type_v']}"]
+        for n in contexts:
+            r = by[(c["label"], n)]
+            kv, comp = r["kv_buffer_bytes"] or 0, r["compute_buffer_bytes"] or 0
+            row.append(f"{kv / MIB:.1f} + {comp / MIB:.1f} = {(kv + comp) / MIB:.1f}")
+        rows.append(row)
+    return (table(rows, right_from=2) +
+            f"\nMiB llama.cpp allocated for one context (n_batch = n_ubatch = {report['settings']['n_batch']} unless the "
+            f"label says otherwise): its KV cache buffers (a LoRC file: the latent and the exact store) + the compute "
+            f"buffers reserved for its graphs; nothing run")
+
+
 def format_bench(report: dict[str, Any]) -> str:
+    if report.get("mode") == "memory":
+        return format_memory(report)
     contexts = report["settings"]["contexts"]
     by = {(r["config"], r["n_ctx"]): r for r in report["results"]}
     head = (["config", "cache", "KV B/tok", "ratio", "exact"] + [f"pp/tg @{c}" for c in contexts] +

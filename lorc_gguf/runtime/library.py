@@ -16,37 +16,50 @@ def llama_cpp():
 
 _LOG_CALLBACK = None
 _SILENCED = False
+# the text lists of the llama_log_text blocks running now, innermost last
+_CAPTURES: list[list[str]] = []
 
 
 def silence_llama_logs() -> None:
     """Route llama.cpp's log lines to nowhere (errors still surface as return codes)."""
-    global _LOG_CALLBACK, _SILENCED
-    lib = llama_cpp()
-    if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = lib.llama_log_callback(lambda level, text, user_data: None)
-    lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    global _SILENCED
     _SILENCED = True
+    if not _CAPTURES:
+        llama_cpp().llama_log_set(_callback(), ctypes.c_void_p(0))
+
+
+def _log(level, text, user_data) -> None:
+    if _CAPTURES:
+        for pieces in _CAPTURES:
+            pieces.append(text.decode("utf-8", "replace"))
+
+
+def _callback():
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp().llama_log_callback(_log)
+    return _LOG_CALLBACK
 
 
 @contextlib.contextmanager
 def llama_log_text() -> Iterator[list[str]]:
-    """llama.cpp's log text while the block runs, as the pieces it logged; afterwards its log goes
-    where it went before (nowhere after ``silence_llama_logs``, else llama-cpp-python's logger).
-    Where the log was not silenced, the captured text is written to stderr when the block raises."""
+    """llama.cpp's log text while the block runs, as the pieces it logged (blocks may nest: each sees
+    every piece logged inside it); afterwards its log goes where it went before (nowhere after
+    ``silence_llama_logs``, else llama-cpp-python's logger). Where the log was not silenced, the
+    captured text is written to stderr when the block raises."""
     lib = llama_cpp()
     pieces: list[str] = []
-    callback = lib.llama_log_callback(lambda level, text, user_data: pieces.append(text.decode("utf-8", "replace")))
-    lib.llama_log_set(callback, ctypes.c_void_p(0))
+    _CAPTURES.append(pieces)
+    lib.llama_log_set(_callback(), ctypes.c_void_p(0))
     try:
         yield pieces
     except BaseException:
-        if not _SILENCED:
+        if not _SILENCED and len(_CAPTURES) == 1:
             sys.stderr.write("".join(pieces))
         raise
     finally:
-        if _SILENCED:
-            lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-        else:
+        _CAPTURES.remove(pieces)
+        if not _CAPTURES and not _SILENCED:
             from llama_cpp import _logger  # the logger llama-cpp-python installs on import
 
             lib.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

@@ -55,6 +55,12 @@ class SessionParams:
     op_offload: bool | None = None
 
 
+def _logged_mib(log: Sequence[str], what: str) -> int | None:
+    """Bytes of every ``<what> = X MiB`` line of llama.cpp's log text, summed; None where there is none."""
+    sizes = re.findall(re.escape(what) + r" =\s*([0-9.]+) MiB", "".join(log))
+    return round(sum(float(x) for x in sizes) * 2**20) if sizes else None
+
+
 class Session:
     """One model + one context. ``decode`` takes (token, position, seq_id) triples."""
 
@@ -99,10 +105,11 @@ class Session:
             if not self.ctx:
                 lib.llama_model_free(self.model)
                 raise RuntimeError(f"llama.cpp could not create a context for {model_path} with {params}")
-        # the compute buffers llama.cpp reserved for this context's graphs, summed over its backends
-        # (the largest graph it may run: a full ubatch at the full context); None where it logged none
-        sizes = re.findall(r"compute buffer size =\s*([0-9.]+) MiB", "".join(log))
-        self.compute_buffer_bytes = round(sum(float(x) for x in sizes) * 2**20) if sizes else None
+        # what llama.cpp allocated for this context, summed over its backends (None where it logged
+        # none): the KV cache's buffers (every store of a LoRC cache), and the compute buffers it
+        # reserved for its graphs (the largest it may run: a full ubatch at the full context)
+        self.kv_buffer_bytes = _logged_mib(log, "KV buffer size")
+        self.compute_buffer_bytes = _logged_mib(log, "compute buffer size")
         self.mem = lib.llama_get_memory(self.ctx)
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)

@@ -96,6 +96,24 @@ def test_prompt_in_query_blocks_matches_reference_rule(models, width):
     assert not np.array_equal(blocks, joint)
 
 
+def test_prompt_in_query_blocks_of_a_q8_0_cache(models):
+    # a quantized exact store takes the blocks too (its gathered rows come out as f32), on q8_0 caches
+    # with flash attention (which llama.cpp's quantized V needs). Measured against the reference: the
+    # caches' q8_0 rounding puts the joint path's logits 0.0103 off on average (max 0.084, logits of
+    # size ~5), the blocks' 0.0095 (max 0.079), the plain latent cache (the rule ignored) 0.46;
+    # bounds: the blocks no further off than 1.2x the joint path, and 0.1 at most
+    tokens = prompt(224, seed=6)
+    want = reference.forward(models["original"], tokens, models["plain"],
+                             exact=lambda p0, p1: p0 < SINKS or p1 - p0 < WINDOW)
+    q8 = dict(cache_type_k="q8_0", cache_type_v="q8_0", flash_attn=True, n_batch=64, n_ubatch=64)
+    blocks = run(models["hybrid"], tokens, lorc_prefill_block=16, **q8)
+    joint = run(models["hybrid"], tokens, lorc_prefill_block=0, **q8)
+    assert np.abs(blocks - want).mean() < 1.2 * np.abs(joint - want).mean()
+    assert np.abs(blocks - want).max() < 0.1
+    # bit-equal logits would mean the blocks never ran
+    assert not np.array_equal(blocks, joint)
+
+
 def test_one_sequence_reserves_compute_for_query_blocks(models):
     # a context of one sequence takes its prompt ubatches in query blocks (lorc_prefill_block, 64 by
     # default) and reserves its compute buffer for them: the joint path's scores of every query over

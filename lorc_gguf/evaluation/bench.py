@@ -144,11 +144,10 @@ def measure(session, prompt: Sequence[int], n_ctx: int, n_decode: int) -> tuple[
 def measure_interleaved(sessions: Sequence, prompts: Sequence[Sequence[int]], n_ctx: int,
                         n_decode: int) -> list[tuple[float, list[float], int]]:
     """``measure`` for every session at once, the prompt's chunks and the decoded tokens taken in turn:
-    each session prefills the prompt's first span (its chunks of the largest n_batch), then each the second,
-    ...; then each decodes its
-    first token, then each its second, ... A machine whose speed drifts over seconds (a shared virtual
-    machine) then slows every configuration alike, where measuring them one after another puts the
-    drift between them."""
+    each session prefills the prompt's first span (its chunks of the largest n_batch), then each the
+    second, ...; then each decodes its first token, then each its second, ... A machine whose speed
+    drifts over seconds (a shared virtual machine) then slows every configuration alike, where
+    measuring them one after another puts the drift between them."""
     pf = prefill_interleaved(sessions, prompts, n_ctx, n_decode)
     dec: list[list[float]] = [[] for _ in sessions]
     depth = n_ctx - n_decode
@@ -222,7 +221,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                     kv[c.label] = measure_kv_bytes(s, p)
             times: dict[str, list[tuple[float, list[float]]]] = {c.label: [] for c in configs}
             batch = {c.label: s.params.n_batch for c, s in zip(configs, sessions)}
-            compute = {c.label: (s.kv_buffer_bytes, s.compute_buffer_bytes) for c, s in zip(configs, sessions)}
+            buffers = {c.label: (s.kv_buffer_bytes, s.compute_buffer_bytes) for c, s in zip(configs, sessions)}
             state: dict[str, int] = {}
             for r in range(repeats):
                 k = r % len(configs)
@@ -252,7 +251,7 @@ def run_bench(configs: Sequence[ModelConfig], contexts: Sequence[int], repeats: 
                    "prefill_tps": n_ctx / statistics.median(pf),
                    "decode_tps": decode_tokens_n / statistics.median(dec),
                    "state_bytes": state[c.label], "n_batch": batch[c.label],
-                   "kv_buffer_bytes": compute[c.label][0], "compute_buffer_bytes": compute[c.label][1]}
+                   "kv_buffer_bytes": buffers[c.label][0], "compute_buffer_bytes": buffers[c.label][1]}
             if interleave:
                 row["decode_token_s"] = tokens
                 row["decode_speedup"] = paired_speedup(base, tokens)

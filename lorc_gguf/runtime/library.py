@@ -29,9 +29,9 @@ def silence_llama_logs() -> None:
 
 
 def _log(level, text, user_data) -> None:
-    if _CAPTURES:
-        for pieces in _CAPTURES:
-            pieces.append(text.decode("utf-8", "replace"))
+    # llama.cpp's log callback: the text goes to every capture running, else nowhere
+    for pieces in _CAPTURES:
+        pieces.append(text.decode("utf-8", "replace"))
 
 
 def _callback():

@@ -12,7 +12,7 @@ from ..evaluation.bench import (DEFAULT_BATCH, DEFAULT_DECODE_TOKENS, DEFAULT_RE
                                 convert_widths, default_contexts, format_bench, memory_report, n_ctx_train, run_bench)
 from ..evaluation.configs import (FLASH_ATTN_CHOICES, SMOLLM2_ALIAS, default_threads, expand_top_k, make_config,
                                   parse_flash_attn, resolve_model_path, with_batch, with_settings)
-from ..format.info import gguf_info
+from ..format.info import gguf_lorc_version
 from .common import add_settings_arguments, log_stderr, parse_csv, parse_top_k, run_cli, runtime_overrides
 
 
@@ -96,7 +96,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         settings = runtime_overrides(args)
         configs = expand_top_k(with_settings(configs, settings), parse_top_k(args.lorc_top_k))
         if args.lorc_batch is not None and args.lorc_batch != args.batch:
-            configs = [with_batch(c, args.lorc_batch) if gguf_info(c.path)["lorc_version"] > 0 else c
+            configs = [with_batch(c, args.lorc_batch) if gguf_lorc_version(c.path) > 0 else c
                        for c in configs]
         contexts = parse_csv(args.ctx, int, "--ctx") or default_contexts(n_ctx_train(original.path), args.quick)
         if args.memory:

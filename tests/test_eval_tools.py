@@ -111,6 +111,13 @@ def test_eval_json_and_table(pair, tmp_path, capsys):
         assert m["kv_bytes_per_token_raw"] - m["kv_bytes_per_token"] == CELL_METADATA_BYTES
         assert m["label"] in stdout
     assert base["kl_mean"] == 0 and base["top1_agreement"] == 1
+    for m in report["models"]:
+        # the per-token NLLs reproduce the reported mean; the paired change is the perplexity ratio
+        # (rounding to 6 decimals moves a mean of ~500 values by < 1e-6)
+        assert len(m["token_nll"]) == m["n_scored"] and np.mean(m["token_nll"]) == pytest.approx(m["nll"], abs=1e-6)
+        assert m["ppl_change"] == pytest.approx(m["ppl"] / base["ppl"] - 1, rel=1e-9)
+    assert base["ppl_change_stderr"] == 0 and q8["ppl_change_stderr"] > 0 and lo["ppl_change_stderr"] > 0
+    assert "%" in stdout and "±" in stdout
     assert base["kv_bytes_per_token"] == N_LAYER * 2 * D_KV * 2  # f16 K and V rows
     assert q8["kv_ratio"] == pytest.approx(34 / 64)  # q8_0: 34 bytes per 32 values
     key_rank, value_rank = file_ranks(lorc)
@@ -345,6 +352,8 @@ def test_eval_on_several_texts_reports_each_and_a_summary(pair, tmp_path, capsys
     assert lorc_row["ppl"] == {"news": news, "docs": docs}
     base = report["reports"][0]["models"][0]["ppl"]
     assert lorc_row["vs_baseline"]["news"] == pytest.approx(news / base - 1)
+    # 31 scored tokens are one batch: no error estimate rather than a made-up one
+    assert lorc_row["vs_baseline_stderr"]["news"] is None is report["reports"][0]["models"][1]["ppl_change_stderr"]
     assert "== news: news (news prose" in stdout and "== summary" in stdout
 
 
@@ -563,6 +572,28 @@ def test_paired_speedup_is_per_token_and_ignores_a_stall():
     assert got["median"] == pytest.approx(2.0) and got["tokens"] == 5
     assert got["q1"] == pytest.approx(2.0) and got["q3"] == pytest.approx(2.0)
     assert sum(a[0]) / sum(b_tokens) < 0.1
+
+
+def test_paired_change_takes_its_error_over_batches_of_tokens():
+    from lorc_gguf.evaluation.metrics import paired_change
+
+    rng = np.random.default_rng(0)
+    base = [rng.normal(3.0, 1.0, 256) for _ in range(2)]
+    # a change of +0.01 nats on every token, plus noise that stays the same for 32 tokens at a time:
+    # correlated differences, as a dropped cell moves every later token that attends it
+    steps = [np.repeat(rng.normal(0, 0.1, 8), 32) for _ in range(2)]
+    model = [b + 0.01 + s for b, s in zip(base, steps)]
+    change, se = paired_change(base, model)
+    mean_d = np.concatenate(steps).mean() + 0.01
+    assert change == pytest.approx(math.expm1(mean_d), rel=1e-12)
+    # 16 batches, each one noise value: the batch means' error is the noise's over 16 draws
+    step_means = np.concatenate([x[::32] for x in steps])
+    assert se == pytest.approx(math.exp(mean_d) * step_means.std(ddof=1) / 4, rel=1e-9)
+    # the per-token formula would count 512 independent draws and understate the error ~5.7x
+    _, token_se = paired_change(base, model, batch=1)
+    assert token_se < se / 4
+    with pytest.raises(ValueError):
+        paired_change(base, [model[0]])
 
 
 def test_runtime_settings_passed_are_recorded(pair, tmp_path):

@@ -28,3 +28,23 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     mean = float(values.mean())
     se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     return mean, se
+
+
+# Tokens per batch of ``paired_change``'s standard error: per-token NLL differences between two
+# caches of one model are correlated over neighbouring tokens (a selection that drops a cell moves
+# every later token that attends it), so the error is taken over the means of consecutive batches.
+PAIRED_BATCH = 32
+
+
+def paired_change(base_nll: list[np.ndarray], nll: list[np.ndarray], batch: int = PAIRED_BATCH) -> tuple[float, float]:
+    """Perplexity change of a model against a baseline scored on the same tokens, ``exp(mean(nll -
+    base_nll)) - 1``, and its standard error: batch means of the per-token differences (batches of
+    ``batch`` consecutive tokens within each chunk), delta method. Arrays are per chunk."""
+    if len(base_nll) != len(nll) or any(a.shape != b.shape for a, b in zip(base_nll, nll)):
+        raise ValueError("paired_change needs the same scored tokens for both models")
+    d = [b.astype(np.float64) - a.astype(np.float64) for a, b in zip(base_nll, nll)]
+    flat = np.concatenate(d)
+    mean = float(flat.mean())
+    means = np.array([part.mean() for x in d for part in np.array_split(x, max(1, len(x) // batch))])
+    se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    return math.expm1(mean), math.exp(mean) * se

@@ -28,7 +28,7 @@ from ..runtime.tokens import make_chunks
 from .configs import ModelConfig, default_threads, open_session
 from .kv import measure_kv_bytes
 from .machine import machine_info, versions
-from .metrics import kl_rows, log_softmax, mean_se
+from .metrics import PAIRED_BATCH, kl_rows, log_softmax, mean_se, paired_change
 from .tables import table
 from .texts import read_text
 
@@ -76,6 +76,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
     first = ctx - decode_tail if decode_tail else ctx // 2
     base_tokens: list[int] | None = None
     base_lp: list[np.ndarray] = []
+    base_nll: list[np.ndarray] = []
     base_kv: float | None = None
     results = []
     for idx, config in enumerate(configs):
@@ -110,6 +111,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
         if idx == 0:
             base_tokens = tokens[:len(chunks) * ctx]
             base_kv = kv.per_token
+            base_nll = scores.nll
         nll = np.concatenate(scores.nll)
         nll_mean, nll_se = mean_se(nll)
         ppl = math.exp(nll_mean)
@@ -128,16 +130,22 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
             "kv_exact_bytes": kv.exact_bytes,
             "kv_bytes_at_ctx": at_ctx,
             "kl_mean": None, "kl_stderr": None, "top1_agreement": None,
+            "ppl_change": None, "ppl_change_stderr": None,
             "seconds": round(time.perf_counter() - started, 3),
         }
         if idx == 0:
-            entry.update(kl_mean=0.0, kl_stderr=0.0, top1_agreement=1.0)
+            entry.update(kl_mean=0.0, kl_stderr=0.0, top1_agreement=1.0, ppl_change=0.0, ppl_change_stderr=0.0)
         elif scores.kl:
             kl = np.concatenate(scores.kl)
             entry["kl_mean"], entry["kl_stderr"] = mean_se(kl)
             entry["top1_agreement"] = float(np.concatenate(scores.top1).mean())
+            change, change_se = paired_change(base_nll, scores.nll)
+            # fewer than two batches of scored tokens give no error estimate
+            entry.update(ppl_change=change, ppl_change_stderr=change_se if math.isfinite(change_se) else None)
         else:
             entry["note"] = "tokenization differs from the baseline: no KL / top-1"
+        # every scored token's NLL, chunk after chunk: other statistics can be taken from the report
+        entry["token_nll"] = [round(float(x), 6) for x in nll]
         results.append(entry)
     return {
         "tool": "eval",
@@ -147,6 +155,7 @@ def evaluate(configs: Sequence[ModelConfig], text: str, ctx: int = DEFAULT_CTX, 
                    if decode_tail else f"second half of each chunk: tokens {first + 1}..{ctx - 1}"),
         "decode_tail": decode_tail,
         "baseline": results[0]["label"],
+        "paired_batch": PAIRED_BATCH,
         "models": results,
         "machine": machine_info(threads),
         "versions": versions(),
@@ -172,6 +181,7 @@ def evaluate_texts(configs: Sequence[ModelConfig], texts: Sequence[str], log: Ca
     summary = [{"label": m["label"],
                 "ppl": {r["text"]["name"]: r["models"][i]["ppl"] for r in reports},
                 "vs_baseline": {r["text"]["name"]: r["models"][i]["ppl"] / r["models"][0]["ppl"] - 1 for r in reports},
+                "vs_baseline_stderr": {r["text"]["name"]: r["models"][i]["ppl_change_stderr"] for r in reports},
                 "kl_mean": {r["text"]["name"]: r["models"][i]["kl_mean"] for r in reports}}
                for i, m in enumerate(reports[0]["models"])]
     return {"tool": "eval", "texts": [r["text"]["name"] for r in reports], "reports": reports, "summary": summary}
@@ -179,7 +189,7 @@ def evaluate_texts(configs: Sequence[ModelConfig], texts: Sequence[str], log: Ca
 
 def format_eval_table(report: dict[str, Any]) -> str:
     rows = [("model", "cache", "FA", "KV B/tok", "raw B/tok", "KV ratio", "exact", f"@{report['ctx']}",
-             "PPL", "± se", "KL", "top-1")]
+             "PPL", "± se", "vs base (± se)", "KL", "top-1")]
     base_seq = report["models"][0]["kv_bytes_at_ctx"]
     for m in report["models"]:
         rows.append((m["label"], f"{m['cache_type_k']}/{m['cache_type_v']}" if m["cache_type_k"] != m["cache_type_v"]
@@ -187,15 +197,27 @@ def format_eval_table(report: dict[str, Any]) -> str:
                      f"{m['kv_bytes_per_token']:.0f}", f"{m['kv_bytes_per_token_raw']:.0f}",
                      f"{m['kv_ratio']:.3f}", str(m["kv_exact_cells"]) if m["kv_exact_cells"] else "-",
                      f"{m['kv_bytes_at_ctx'] / base_seq:.3f}", f"{m['ppl']:.4f}", f"{m['ppl_stderr']:.4f}",
+                     _change(m),
                      "-" if m["kl_mean"] is None else f"{m['kl_mean']:.4f}",
                      "-" if m["top1_agreement"] is None else f"{100 * m['top1_agreement']:.1f}%"))
     text = table(rows, right_from=3)
     first = report["models"][0]
     return (f"{text}\n{report['ctx']}-token chunks x {first['n_chunks']}, {first['n_scored']} scored tokens per "
-            f"model; KL and top-1 against {report['baseline']}; KV ratio of KV-only bytes per token; exact = "
+            f"model; KL, top-1 and perplexity change against {report['baseline']} (its standard error "
+            f"from means of {report.get('paired_batch', PAIRED_BATCH)} consecutive tokens' NLL differences); KV ratio of KV-only bytes per token; exact = "
             f"cells a hybrid cache keeps at full width per sequence (sinks + window); @{report['ctx']} = "
             f"KV-only bytes of a {report['ctx']}-token sequence against the baseline's (sliding-window models: "
             f"its measured state with swa_full off)")
+
+
+def _change(m: dict[str, Any]) -> str:
+    if m.get("ppl_change") is None:
+        return "-"
+    return f"{100 * m['ppl_change']:+.2f}%{_se(m['ppl_change_stderr'])}"
+
+
+def _se(stderr: float | None) -> str:
+    return "" if not stderr else f" ±{100 * stderr:.2f}"
 
 
 def format_eval_report(report: dict[str, Any]) -> str:
@@ -206,7 +228,8 @@ def format_eval_report(report: dict[str, Any]) -> str:
     names = report["texts"]
     rows = [("model", *(f"{n} ppl (vs base, KL)" for n in names))]
     for m in report["summary"]:
-        rows.append((m["label"], *(f"{m['ppl'][n]:.4f} ({100 * m['vs_baseline'][n]:+.2f}%, "
+        rows.append((m["label"], *(f"{m['ppl'][n]:.4f} ({100 * m['vs_baseline'][n]:+.2f}%"
+                                   f"{_se(m['vs_baseline_stderr'][n])}, "
                                    f"{'-' if m['kl_mean'][n] is None else format(m['kl_mean'][n], '.4f')})"
                                    for n in names)))
     return "\n\n".join(parts + ["== summary\n" + table(rows)])

@@ -4,9 +4,10 @@ What ``tools/eval.py`` computes, llama-perplexity style: the text is tokenized o
 cut into chunks of ``ctx`` tokens (``runtime.tokens.make_chunks``), and each chunk is evaluated in
 a fresh cache with its first token replaced by BOS. Only the second half of a chunk is scored: the
 NLL of token ``j+1`` given the logits at ``j`` for ``j`` in ``[ctx/2, ctx-1)``. The first model
-given is the baseline: every other model gets the mean KL(baseline || model) and the top-1
-agreement over the same scored positions, and its KV bytes per token (measured from the runtime)
-as a ratio of the baseline's. Several texts (``texts``) give one report each and a summary.
+given is the baseline: every other model gets the mean KL(baseline || model), the top-1
+agreement and its perplexity change with a standard error (``metrics.paired_change``) over the same
+scored positions, and its KV bytes per token (measured from the runtime) as a ratio of the
+baseline's. Every scored token's NLL is kept in the report. Several texts (``texts``) give one report each and a summary.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def format_eval_table(report: dict[str, Any]) -> str:
     first = report["models"][0]
     return (f"{text}\n{report['ctx']}-token chunks x {first['n_chunks']}, {first['n_scored']} scored tokens per "
             f"model; KL, top-1 and perplexity change against {report['baseline']} (its standard error "
-            f"from means of {report.get('paired_batch', PAIRED_BATCH)} consecutive tokens' NLL differences); KV ratio of KV-only bytes per token; exact = "
+            f"from means of {report.get('paired_batch', PAIRED_BATCH)} consecutive tokens' NLL differences); "
+            f"KV ratio of KV-only bytes per token; exact = "
             f"cells a hybrid cache keeps at full width per sequence (sinks + window); @{report['ctx']} = "
             f"KV-only bytes of a {report['ctx']}-token sequence against the baseline's (sliding-window models: "
             f"its measured state with swa_full off)")

@@ -47,8 +47,6 @@ def paired_change(base_nll: list[np.ndarray], nll: list[np.ndarray], batch: int 
     if len(base_nll) != len(nll) or any(a.shape != b.shape for a, b in zip(base_nll, nll)):
         raise ValueError("paired_change needs the same scored tokens for both models")
     d = [b.astype(np.float64) - a.astype(np.float64) for a, b in zip(base_nll, nll)]
-    flat = np.concatenate(d)
-    mean = float(flat.mean())
-    means = np.array([part.mean() for x in d for part in np.array_split(x, max(1, len(x) // batch))])
-    se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    mean = float(np.concatenate(d).mean())
+    _, se = mean_se(np.array([part.mean() for x in d for part in np.array_split(x, max(1, len(x) // batch))]))
     return math.expm1(mean), math.exp(mean) * se

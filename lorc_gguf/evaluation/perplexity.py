@@ -7,7 +7,8 @@ NLL of token ``j+1`` given the logits at ``j`` for ``j`` in ``[ctx/2, ctx-1)``. 
 given is the baseline: every other model gets the mean KL(baseline || model), the top-1
 agreement and its perplexity change with a standard error (``metrics.paired_change``) over the same
 scored positions, and its KV bytes per token (measured from the runtime) as a ratio of the
-baseline's. Every scored token's NLL is kept in the report. Several texts (``texts``) give one report each and a summary.
+baseline's. Every scored token's NLL is kept in the report. Several texts (``texts``) give one
+report each and a summary.
 """
 
 from __future__ import annotations

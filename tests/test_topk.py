@@ -31,12 +31,18 @@ def models(tmp_path_factory) -> dict[str, Path]:
     original = synth.make_llama_gguf(d / "original.gguf", n_layer=3, n_embd=256, n_head=8, n_head_kv=2,
                                      head_dim=64, n_ff=512, seed=11)
     plain, hybrid, hybrid_top_k = d / "plain.gguf", d / "hybrid.gguf", d / "hybrid-top-k.gguf"
+    mixed = d / "mixed.gguf"
     convert(original, plain, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True)
+    # layer 1 keeps its values whole (rank = width 128) under latent keys, as a progressive file's
+    # widest layers do: where the rest is attended the other layers read every latent value through
+    # one product, and layer 1 its whole values through the same (see test_each_sequence_...)
+    convert(original, mixed, ranks=[64, 64, 64, 128, 64, 64], outtype="f32", progress=False, data_free=True,
+            sink_tokens=4, recent_window=8, decode_top_k=0)
     convert(original, hybrid, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True,
             sink_tokens=4, recent_window=8, decode_top_k=0)
     convert(original, hybrid_top_k, allocation="uniform", ratio=0.5, outtype="f32", progress=False, data_free=True,
             sink_tokens=4, recent_window=8, decode_top_k=FEW)
-    return {"plain": plain, "hybrid": hybrid, "hybrid-top-k": hybrid_top_k}
+    return {"plain": plain, "hybrid": hybrid, "hybrid-top-k": hybrid_top_k, "mixed": mixed}
 
 
 def prompt(seed: int = 0) -> list[int]:
@@ -77,11 +83,12 @@ def test_a_small_selection_changes_decoding_but_not_prompt_processing(models, na
 
 
 def test_a_bf16_latent_cache_decodes_with_the_rest_attended(models):
-    # bf16 latent keys and values: the rest's product then multiplies bf16 rows (ggml's out_prod of bf16
-    # src0, which an f16 or quantized cache never reaches). Against the f32 cache's logits (size ~5) the
-    # bf16 roundings (8 significant bits) measured a mean |difference| of 0.024 (0.025-0.2 per step, and
-    # 1.2 in the one step of 24 whose selection they changed); the rest left out measured 0.82 on either
-    # cache. 0.1 lies 4x above the first and 8x below the second
+    # bf16 latent keys and values: the rest's product then multiplies bf16 rows (ggml_mul_mat of the
+    # transposed bf16 cache against the weights rounded to bf16). Against the f32 cache's logits (size
+    # ~5) the bf16 roundings (8 significant bits) measured a mean |difference| of 0.023 (0.004-0.2 per
+    # step); the rest left out measured 0.82 on either cache (earlier, with ggml_out_prod of
+    # untransposed bf16 rows: 0.024, with 1.2 in the one step whose selection the roundings changed).
+    # 0.1 lies 4x above the first and 8x below the second
     tokens = prompt(6)
     _, f32 = decode_steps(models["hybrid"], FEW, tokens)
     _, bf16 = decode_steps(models["hybrid"], FEW, tokens, "bf16", "bf16")
@@ -206,7 +213,7 @@ def alone_steps(path: Path, k: int | None, prompts: list[list[int]], **settings)
 
 @pytest.mark.parametrize("unified,flash_attn", [(False, False), (True, False), (True, True)],
                          ids=["streams", "unified", "unified-fa"])
-@pytest.mark.parametrize("name", ["plain", "hybrid"])
+@pytest.mark.parametrize("name", ["plain", "hybrid", "mixed"])
 def test_each_sequence_of_a_batch_selects_its_own_cells(models, name, unified, flash_attn):
     # A batch of one decoded token per sequence selects per token: with a small k each sequence's
     # logits are those of the same sequence decoded alone with that k (not the full rebuild's), and
@@ -218,7 +225,11 @@ def test_each_sequence_of_a_batch_selects_its_own_cells(models, name, unified, f
     # the query back to the position of each bucket's middle cell, and a bucket of a unified cache
     # holds cells of several sequences, so a token's scores there depend on the others' positions
     # and its selection can differ from its sequence decoded alone (measured: up to 6 on these
-    # logits); only one stream per sequence must match the lone runs
+    # logits); only one stream per sequence must match the lone runs. Without flash attention a
+    # lone sequence's cache keeps its values transposed (the rest's product is a ggml_mul_mat over
+    # every cell, and the mixed file's whole-value layer takes its selection's weights through the
+    # same product) and one stream per sequence untransposed (ggml_out_prod, and row gathers): the
+    # first assert also holds the two layouts to the same logits
     prompts = [prompt(10 + i) for i in range(len(LENGTHS))]
     few = parallel_steps(models[name], FEW, prompts, unified, flash_attn=flash_attn)
     assert np.isfinite(few).all()

@@ -1,46 +1,21 @@
 // time out_prod of f16 and bf16 rows against 9 dst rows, as the attended rest of selective
 // reconstruction runs it: 16,384 latent value rows of 96 / 128 / 160 against the transposed view
 // of 9 heads' softmax rows; best of 7 runs of 50, on the threads given (argv[1])
-#include "ggml.h"
-#include "ggml-cpu.h"
-#include <chrono>
+#include "perf_util.h"
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
 
-static double best_ms(ggml_cgraph * gf, int nth) {
-    ggml_threadpool_params tpp = ggml_threadpool_params_default(nth);
-    ggml_threadpool * tp = ggml_threadpool_new(&tpp);
-    ggml_cplan cp = ggml_graph_plan(gf, nth, tp);
-    std::vector<uint8_t> work(cp.work_size + 1); cp.work_data = work.data();
-    for (int r = 0; r < 10; r++) ggml_graph_compute(gf, &cp);
-    double best = 1e9;
-    for (int t = 0; t < 7; t++) {
-        const int reps = 50;
-        auto t0 = std::chrono::steady_clock::now();
-        for (int r = 0; r < reps; r++) ggml_graph_compute(gf, &cp);
-        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
-        if (ms < best) best = ms;
-    }
-    ggml_threadpool_free(tp);
-    return best;
-}
-
 int main(int argc, char ** argv) {
     const int nth = argc > 1 ? atoi(argv[1]) : 2;
     const int n = 16384, h = 9;
-    std::mt19937 rng(7); std::uniform_real_distribution<float> ud(-1, 1), ld(0, 10);
+    std::mt19937 rng(7); std::uniform_real_distribution<float> ud(-1, 1);
     ggml_init_params ip = { (size_t) 256 << 20, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * w = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n, h); // one softmax row per head
-    for (int j = 0; j < h; j++) {
-        float * row = (float *) w->data + (size_t) j*n;
-        double s = 0;
-        for (int i = 0; i < n; i++) { row[i] = expf(-ld(rng)); s += row[i]; }
-        for (int i = 0; i < n; i++) row[i] /= s;
-    }
+    ggml_tensor * w = softmax_rows(ctx, n, h, rng);
     ggml_tensor * wt = ggml_transpose(ctx, w);
     for (int r : {96, 128, 160}) {
         double ms[2];
@@ -53,7 +28,7 @@ int main(int argc, char ** argv) {
             }
             ggml_cgraph * gf = ggml_new_graph(ctx);
             ggml_build_forward_expand(gf, ggml_out_prod(ctx, v, wt));
-            ms[t] = best_ms(gf, nth);
+            ms[t] = best_graph_ms(gf, nth, 10, 50);
         }
         printf("out_prod %d x %d rows against %d dst rows, %d thread%s: f16 %.3f ms, bf16 %.3f ms\n",
                n, r, h, nth, nth == 1 ? "" : "s", ms[0], ms[1]);

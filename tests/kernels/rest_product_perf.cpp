@@ -5,46 +5,22 @@
 // transposed cache (a row of every cell per value dim, as llama.cpp keeps dense values without flash
 // attention). Each graph reads every cache once; best of 7 graphs, per layer, on the threads given
 // (argv[1])
-#include "ggml.h"
-#include "ggml-cpu.h"
-#include <chrono>
+#include "perf_util.h"
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
 
-static double best_ms_per_node(ggml_cgraph * gf, int nth, int n_nodes) {
-    ggml_threadpool_params tpp = ggml_threadpool_params_default(nth);
-    ggml_threadpool * tp = ggml_threadpool_new(&tpp);
-    ggml_cplan cp = ggml_graph_plan(gf, nth, tp);
-    std::vector<uint8_t> work(cp.work_size + 1); cp.work_data = work.data();
-    ggml_graph_compute(gf, &cp);
-    double best = 1e9;
-    for (int t = 0; t < 7; t++) {
-        auto t0 = std::chrono::steady_clock::now();
-        ggml_graph_compute(gf, &cp);
-        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / n_nodes;
-        if (ms < best) best = ms;
-    }
-    ggml_threadpool_free(tp);
-    return best;
-}
-
 int main(int argc, char ** argv) {
     const int nth = argc > 1 ? atoi(argv[1]) : 2;
     const int n = 16384, h = 9, n_layer = 32;
-    std::mt19937 rng(7); std::uniform_real_distribution<float> ud(-1, 1), ld(0, 10);
+    std::mt19937 rng(7); std::uniform_real_distribution<float> ud(-1, 1);
     for (int r : {96, 128, 160}) {
         ggml_init_params ip = { (size_t) 2*n_layer*n*r*sizeof(ggml_fp16_t) + ((size_t) 64 << 20), nullptr, false };
         ggml_context * ctx = ggml_init(ip);
-        ggml_tensor * w = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n, h); // one softmax row per head
-        for (int j = 0; j < h; j++) {
-            float * row = (float *) w->data + (size_t) j*n;
-            double s = 0;
-            for (int i = 0; i < n; i++) { row[i] = expf(-ld(rng)); s += row[i]; }
-            for (int i = 0; i < n; i++) row[i] /= s;
-        }
+        ggml_tensor * w = softmax_rows(ctx, n, h, rng);
         ggml_cgraph * g_rows  = ggml_new_graph(ctx);
         ggml_cgraph * g_trans = ggml_new_graph(ctx);
         for (int l = 0; l < n_layer; l++) {
@@ -57,8 +33,8 @@ int main(int argc, char ** argv) {
             ggml_build_forward_expand(g_rows,  ggml_out_prod(ctx, v, ggml_transpose(ctx, w)));
             ggml_build_forward_expand(g_trans, ggml_mul_mat(ctx, vt, w));
         }
-        const double ms_rows  = best_ms_per_node(g_rows,  nth, n_layer);
-        const double ms_trans = best_ms_per_node(g_trans, nth, n_layer);
+        const double ms_rows  = best_graph_ms(g_rows,  nth, 1, 1)/n_layer;
+        const double ms_trans = best_graph_ms(g_trans, nth, 1, 1)/n_layer;
         printf("rest product, %d caches of %d x %d f16 against %d heads, %d thread%s, per cache: "
                "out_prod of rows %.3f ms, mul_mat of a transposed cache %.3f ms\n",
                n_layer, n, r, h, nth, nth == 1 ? "" : "s", ms_rows, ms_trans);
